@@ -1,0 +1,28 @@
+"""Input checks shared by the estimators: bad input is a ValueError naming the argument."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_log_probs(log_p: Tensor, log_q: Tensor) -> None:
+    """Check that ``log_p`` and ``log_q`` are finite, non-empty float tensors of one shape."""
+    for name, value in (("log_p", log_p), ("log_q", log_q)):
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must have a floating-point dtype, got {value.dtype}")
+        if value.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(value.shape)})")
+    if log_p.shape != log_q.shape:
+        raise ValueError(f"log_p and log_q must have the same shape, got {tuple(log_p.shape)} and {tuple(log_q.shape)}")
+    if log_p.dtype != log_q.dtype:
+        raise ValueError(f"log_p and log_q must have the same dtype, got {log_p.dtype} and {log_q.dtype}")
+    if log_p.device != log_q.device:
+        raise ValueError(f"log_p and log_q must be on the same device, got {log_p.device} and {log_q.device}")
+    for name, value in (("log_p", log_p), ("log_q", log_q)):
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+            raise ValueError(f"{name} contains {int(bad.sum())} non-finite ({kind}) values; "
+                             "log-probabilities of samples must be finite")
