@@ -1,0 +1,148 @@
+"""Named KL cases: a pair (p, q) with x ~ p, the exact KL(p‖q) and the exact ratio moments.
+
+A case's name never changes meaning once released: every model below is built from fixed constants
+and fixed seeds. Cases are built lazily (the vocabulary-sized ones take a moment) and cached.
+Each case records which estimator assumptions it breaks, derived from its exact moments:
+
+- ``support``: q's support is not inside p's, so E_p[q/p] < 1 and k3-type estimators (k3, the
+  control variates, the reverse-KL estimator) are biased by exactly E_p[q/p] − 1;
+- ``ratio_variance``: E_p[(q/p)²] = ∞, so any estimator built on r = q/p has infinite variance and a
+  z-test of it means nothing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceModel, Uniform, top_k_logits, zipf_logits
+from .truth import RatioMoments, Truth, ratio_moments
+
+__all__ = ["KLCase", "KL_CASES", "get_case", "case_names"]
+
+
+@dataclass(frozen=True)
+class KLCase:
+    """A named pair with its exact truth; estimators see only log p(x), log q(x) for x ~ p."""
+
+    name: str
+    p: ReferenceModel
+    q: ReferenceModel
+    moments: RatioMoments
+    description: str
+
+    @property
+    def truth(self) -> Truth:
+        """The exact KL(p‖q)."""
+        return self.moments.kl
+
+    @property
+    def support_ok(self) -> bool:
+        """E_p[q/p] = 1: q puts no mass outside p's support."""
+        m = self.moments.mean_r
+        return abs(m.value - 1.0) <= max(1e-9, 10 * m.error_bound)
+
+    @property
+    def ratio_variance_finite(self) -> bool:
+        return self.moments.mean_r2.finite
+
+    @property
+    def breaks(self) -> dict[str, str]:
+        """Broken estimator assumptions, each with the reason."""
+        out = {}
+        if not self.support_ok:
+            out["support"] = (f"E_p[q/p] = {self.moments.mean_r.value:.4g} < 1: q has mass outside p's support, "
+                              f"so k3-type estimators are biased by {self.moments.mean_r.value - 1:+.4g}")
+        if not self.ratio_variance_finite:
+            out["ratio_variance"] = f"{self.moments.mean_r2.note}: estimators using r = q/p have infinite variance"
+        return out
+
+
+def _build(name: str, p: ReferenceModel, q: ReferenceModel, description: str) -> KLCase:
+    return KLCase(name, p, q, ratio_moments(p, q), description)
+
+
+def _gauss_pair_100d() -> tuple[Gaussian, Gaussian]:
+    g = torch.Generator().manual_seed(100)
+    d = 100
+
+    def cov() -> torch.Tensor:
+        a = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+        return a @ a.T + 0.5 * torch.eye(d, dtype=torch.float64)
+
+    mp = torch.randn(d, generator=g, dtype=torch.float64) * 0.1
+    mq = mp + torch.randn(d, generator=g, dtype=torch.float64) * 0.1
+    return Gaussian(mp, covariance=cov()), Gaussian(mq, covariance=cov())
+
+
+def _vocab_pair(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, reference) next-token logits: Zipf(1.1) reference, policy = reference + N(0, 0.5²) noise."""
+    g = torch.Generator().manual_seed(seed)
+    ref = zipf_logits(vocab, 1.1, noise=0.1, generator=g)
+    policy = ref + 0.5 * torch.randn(vocab, generator=g, dtype=torch.float64)
+    return policy, ref
+
+
+_BIMODAL = dict(weights=[0.5, 0.5], locs=[-2.0, 2.0], scales=[0.5, 0.5])
+_BIMODAL_FIT_SCALE = math.sqrt(4.25)  # moment-matched Gaussian: variance 2² + 0.5²
+
+KL_CASES: dict[str, Callable[[], KLCase]] = {
+    "gauss-shift-0.1": lambda: _build(
+        "gauss-shift-0.1", Gaussian(0.0, 1.0), Gaussian(0.1, 1.0),
+        "Schulman's first case: N(0,1) ‖ N(0.1,1), KL = 0.005"),
+    "gauss-shift-1": lambda: _build(
+        "gauss-shift-1", Gaussian(0.0, 1.0), Gaussian(1.0, 1.0),
+        "Schulman's second case: N(0,1) ‖ N(1,1), KL = 0.5"),
+    "near-identical": lambda: _build(
+        "near-identical", Gaussian(0.0, 1.0), Gaussian(math.sqrt(2e-4), 1.0),
+        "N(0,1) ‖ N(0.01414,1), KL = 1e-4: k1 is almost all noise"),
+    "gauss-var-wide-q": lambda: _build(
+        "gauss-var-wide-q", Gaussian(0.0, 1.0), Gaussian(0.0, 2.0),
+        "variance mismatch, q wider: N(0,1) ‖ N(0,2²); E_p[r²] = ∞"),
+    "gauss-var-narrow-q": lambda: _build(
+        "gauss-var-narrow-q", Gaussian(0.0, 2.0), Gaussian(0.0, 1.0),
+        "variance mismatch, q narrower: N(0,2²) ‖ N(0,1)"),
+    "gauss-100d-fullcov": lambda: _build(
+        "gauss-100d-fullcov", *_gauss_pair_100d(),
+        "100-dimensional full-covariance pair; log-densities near −150, like sequence log-probs"),
+    "bimodal-vs-gauss": lambda: _build(
+        "bimodal-vs-gauss", GaussianMixture(**_BIMODAL), Gaussian(0.0, _BIMODAL_FIT_SCALE),
+        "bimodal mixture ‖ its moment-matched Gaussian (the mode-covering, forward-KL fit)"),
+    "gauss-vs-bimodal": lambda: _build(
+        "gauss-vs-bimodal", Gaussian(0.0, _BIMODAL_FIT_SCALE), GaussianMixture(**_BIMODAL),
+        "the moment-matched Gaussian ‖ the bimodal mixture (the other direction)"),
+    "mode-vs-bimodal": lambda: _build(
+        "mode-vs-bimodal", Gaussian(2.0, 0.5), GaussianMixture(**_BIMODAL),
+        "one mode ‖ the bimodal mixture: the mode-seeking, reverse-KL fit; KL ≈ log 2"),
+    "uniform-support": lambda: _build(
+        "uniform-support", Uniform(0.0, 1.0), Uniform(0.0, 2.0),
+        "U(0,1) ‖ U(0,2), KL = log 2; q has mass outside p's support (the reverse direction is ∞)"),
+    "vocab-50k": lambda: _build(
+        "vocab-50k", *(Categorical(t) for t in _vocab_pair(50257, 50257)),
+        "next-token policy ‖ reference over a GPT-2-sized vocabulary (50,257), Zipf-like logits"),
+    "vocab-200k": lambda: _build(
+        "vocab-200k", *(Categorical(t) for t in _vocab_pair(200_000, 200_000)),
+        "next-token policy ‖ reference over a 200,000-token vocabulary, Zipf-like logits"),
+    "vocab-50k-top-k": lambda: _build(
+        "vocab-50k-top-k", *(Categorical(t) for t in (top_k_logits(_vocab_pair(50257, 50257)[0], 50),
+                                                       _vocab_pair(50257, 50257)[1])),
+        "top-k (k = 50) truncated policy ‖ untruncated reference: q has mass outside p's support"),
+    "heavy-ratio": lambda: _build(
+        "heavy-ratio", Gaussian(0.0, 1.0), Gaussian(0.0, 0.3),
+        "N(0,1) ‖ N(0,0.3²): |log q/p| > 20 with probability ≈ 4%, where production clamps bite"),
+}
+
+
+def case_names() -> list[str]:
+    return list(KL_CASES)
+
+
+@lru_cache(maxsize=None)
+def get_case(name: str) -> KLCase:
+    """The named case (built once, then cached)."""
+    if name not in KL_CASES:
+        raise ValueError(f"unknown case {name!r}; known cases: {', '.join(KL_CASES)}")
+    return KL_CASES[name]()
