@@ -19,7 +19,8 @@ __all__ = ["pareto_khat"]
 
 def pareto_khat(x: Tensor, tail: str = "right") -> float:
     """Pareto k̂ of the upper tail of ``x`` (``tail="both"``: of ``|x - median|``), from the largest
-    ``M = min(n/5, 3√n)`` values. Returns ``-inf`` when the tail is degenerate (all equal values)."""
+    ``M = min(n/5, 3√n)`` values. Returns ``-inf`` when the tail is degenerate (fewer than 10 distinct
+    exceedances of the threshold)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if tail not in ("right", "both"):
@@ -35,7 +36,8 @@ def pareto_khat(x: Tensor, tail: str = "right") -> float:
     m = int(min(0.2 * n, 3 * math.sqrt(n)))
     top = torch.topk(v, m + 1).values.numpy()[::-1]  # ascending: threshold first
     exceed = top[1:] - top[0]
-    if exceed[-1] <= 0:
+    exceed = exceed[exceed > 0]  # ties at the threshold carry no tail information
+    if exceed.shape[0] < 10:
         return -math.inf
     return _gpd_shape(exceed)
 
@@ -50,7 +52,8 @@ def _gpd_shape(x: np.ndarray) -> float:
     b += 1 / x[-1]
     k = np.log1p(-b[:, None] * x).mean(axis=1)
     log_lik = n * (np.log(-b / k) - k - 1)
-    weights = 1 / np.exp(log_lik - log_lik[:, None]).sum(axis=1)
+    with np.errstate(over="ignore"):  # an overflowing term only sends a negligible weight to 0
+        weights = 1 / np.exp(log_lik - log_lik[:, None]).sum(axis=1)
     b_post = np.sum(b * weights / weights.sum())
     k_post = np.log1p(-b_post * x).mean()
     return float((n * k_post + 10 * 0.5) / (n + 10))
