@@ -114,7 +114,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
         for spec in specs:
             target = getattr(case.moments, spec.target)
             if not target.finite:
-                skipped.append(f"{spec.name} on {case.name}: its target is infinite ({target.note})")
+                skipped.append(f"{spec.name} on {case.name}: its target {spec.target} is infinite ({target.note})")
                 continue
             cells += [(case, spec, n) for n in config.ns]
     total = sum(len(_chunks(case, n, config.replicates)) for case, _, n in cells)

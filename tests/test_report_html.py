@@ -1,0 +1,78 @@
+"""The HTML report (reports.html.write_report): a complete, self-contained page from a small real study."""
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from reports.html import write_report
+from reports.study import StudyConfig, run_study
+
+CASES = ("gauss-shift-1", "uniform-support", "vocab-50k-top-k")
+ESTIMATORS = ("k1", "k3", "reverse_kl")
+META = {"seed": "0", "command": "pytest", "versions": "test", "commit": "abc123", "machine": "ci",
+        "date": "2024-01-01", "wall time": "1 s"}
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    frame = run_study(StudyConfig(cases=CASES, estimators=ESTIMATORS, ns=(10, 100), replicates=50, seed=0),
+                      progress=False)
+    path = write_report(frame, tmp_path_factory.mktemp("report"), META)
+    return path, path.read_text(encoding="utf-8")
+
+
+def test_page_names_every_case_and_estimator(page):
+    path, text = page
+    assert path.name == "index.html" and path.is_file()
+    for name in CASES + ESTIMATORS:
+        assert name in text
+
+
+def test_sections_in_order(page):
+    _, text = page
+    ids = ["summary", "broken", "figures", "study", "provenance"]
+    positions = [text.index(f'<section id="{i}">') for i in ids]
+    assert positions == sorted(positions)
+    for key, value in META.items():
+        assert f"<th>{key}</th>" in text and value in text
+
+
+def test_images_exist_and_are_png(page):
+    path, text = page
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) == 2
+    for src in sources:
+        png = path.parent / src
+        assert png.is_file() and png.stat().st_size > 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_self_contained(page):
+    _, text = page
+    assert "http://" not in text and "https://" not in text
+    assert "<script" not in text and "<link" not in text
+
+
+def test_broken_assumptions_and_skipped_cells(page):
+    _, text = page
+    broken = text[text.index('<section id="broken">'):text.index('<section id="figures">')]
+    assert "uniform-support" in broken and "vocab-50k-top-k" in broken
+    assert "gauss-shift-1" not in broken
+    assert "skipped: reverse_kl on uniform-support" in broken
+    assert "skipped: reverse_kl on vocab-50k-top-k" in broken
+
+
+def test_bad_frame_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="frame"):
+        write_report(pd.DataFrame({"case": []}), tmp_path, META)
+
+
+def test_summary_counts_consistent_cells(page):
+    _, text = page
+    summary = text[text.index('<section id="summary">'):text.index('<section id="broken">')]
+    k1_row = summary[summary.index("<td>k1</td>"):]
+    k1_row = k1_row[:k1_row.index("</tr>")]
+    assert "<td>6 / 6</td>" in k1_row  # k1 is unbiased everywhere, its constant estimate on uniform-support too
+    assert "median var / var(k1)" in summary and "median var / var(k3)" in summary
