@@ -1,0 +1,80 @@
+"""The statistical gate, measured both ways: planted bugs are caught, correct estimators pass.
+
+False-alarm rate: every gate run has a family-wise rate of α = 1e-4 (Bonferroni over all its cells,
+see reports.gate). The 50-seed test runs 50 independent gate runs, so the chance that it fails for a
+correct implementation is ≤ 50 × 1e-4 = 0.5%; the seeds are fixed, so the outcome is reproducible.
+"""
+import pytest
+import torch
+
+from estimators import kl
+from reports.catalog import UNBIASED
+from reports.gate import ASSUMPTION, CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, GateEntry, builtin_entries, run_gate
+from tests.planted_bugs import PLANTED
+
+CORRECT = [*UNBIASED, "k2"]  # k2 against its own exact expectation E_p[(log r)²]/2
+USER_STYLE = [GateEntry("user_k1", kl.k1), GateEntry("user_k3", kl.k3), GateEntry("user_cv", kl.k1_control_variate)]
+
+
+@pytest.fixture(scope="module")
+def full_gate():
+    """One run at the default budget: built-ins, user-style entries and every planted bug share samples."""
+    entries = builtin_entries() + USER_STYLE + [GateEntry(f.__name__, f) for f in PLANTED]
+    return run_gate(entries, config=GateConfig(seed=0))
+
+
+def test_correct_estimators_hold(full_gate):
+    for name in CORRECT + [e.name for e in USER_STYLE]:
+        assert full_gate.holds(name), full_gate.caught(name).to_string()
+
+
+def test_every_planted_bug_is_caught(full_gate):
+    missed = [f.__name__ for f in PLANTED if full_gate.holds(f.__name__)]
+    assert len(PLANTED) >= 8
+    assert not missed, f"planted bugs the gate missed: {missed}"
+
+
+def test_production_clamps_are_caught_on_the_heavy_ratio_case(full_gate):
+    f = full_gate.frame
+    for name in ("verl_low_var_kl", "openrlhf_k3"):
+        row = f[(f.estimator == name) & (f.case == "heavy-ratio")].iloc[0]
+        assert row.verdict == CAUGHT
+        assert row.rel_bias < -0.2  # the ±10 clamp removes over a fifth of the KL there
+
+
+def test_k3_support_bias_is_exactly_minus_half_on_uniform(full_gate):
+    f = full_gate.frame
+    builtin = f[(f.estimator == "k3") & (f.case == "uniform-support")].iloc[0]
+    assert builtin.verdict == HOLDS and builtin.expected == pytest.approx(torch.log(torch.tensor(2.0)).item() - 0.5)
+    user = f[(f.estimator == "user_k3") & f.case.isin(["uniform-support", "vocab-50k-top-k"])]
+    assert (user.verdict == ASSUMPTION).all(), user.to_string()
+
+
+def test_infinite_ratio_variance_is_unverifiable_not_failed(full_gate):
+    f = full_gate.frame
+    rows = f[(f.estimator.isin(["k3", "user_k3"])) & f.case.isin(["gauss-var-wide-q", "gauss-100d-fullcov"])]
+    assert (rows.verdict == UNVERIFIABLE).all(), rows.to_string()
+
+
+def test_gate_is_sized_to_detect_two_percent(full_gate):
+    """Power: where k3 is verifiable, a 2% relative bias is detected with probability ≥ 0.9."""
+    f = full_gate.frame
+    rows = f[(f.estimator == "k3") & (f.verdict == HOLDS)]
+    assert len(rows) >= 8
+    assert (rows.detectable <= 0.02).all(), rows[["case", "detectable"]].to_string()
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_no_false_alarm(seed):
+    entries = builtin_entries(CORRECT) + USER_STYLE
+    result = run_gate(entries, config=GateConfig(seed=seed, budget=2 ** 16))
+    assert result.holds(), result.caught().to_string()
+
+
+def test_gate_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="alpha"):
+        GateConfig(alpha=0.0)
+    with pytest.raises(ValueError, match="budget"):
+        GateConfig(budget=10)
+    with pytest.raises(ValueError, match="entries"):
+        run_gate([])
