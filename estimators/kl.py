@@ -76,7 +76,7 @@ def k1_control_variate(log_p: Tensor, log_q: Tensor) -> Tensor:
     variance-minimising coefficient :math:`\widehat{\operatorname{Cov}}(\log r, r)/\widehat{\operatorname{Var}}(r)`
     computed from the *other* samples, so λ_{-i} is independent of r_i and
     :math:`E[λ_{-i}(r_i - 1)] = E[λ_{-i}]\,E[r_i - 1] = 0`: the estimate stays unbiased wherever k3 is.
-    λ = 1 (k3) where fewer than three samples are given or the other samples' ``Var(r)`` is zero.
+    λ = 1 (k3) where fewer than three samples are given or the other samples' r are all equal.
     Computed in float64 and returned in the input dtype.
     """
     lr = log_ratio(log_p, log_q)
@@ -93,5 +93,6 @@ def k1_control_variate(log_p: Tensor, log_q: Tensor) -> Tensor:
         syy = (y * y).sum(-1, keepdim=True) - y * y
         cov = sxy - sx * sy / m
         var = syy - sy * sy / m
-        lam = torch.where(var > 0, cov / var.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(var))
+        degenerate = var <= 64 * torch.finfo(torch.float64).eps * syy  # the others' r are all equal
+        lam = torch.where(degenerate, torch.ones_like(var), cov / torch.where(degenerate, torch.ones_like(var), var))
     return (lam * y - x).to(lr.dtype)

@@ -89,6 +89,8 @@ class Gaussian(ReferenceModel):
             if self.loc.dim() != 1 or cov.shape != (d, d):
                 raise ValueError(f"covariance must be [d, d] for a loc of shape [d], got {tuple(cov.shape)} and "
                                  f"{tuple(self.loc.shape)}")
+            if not torch.allclose(cov, cov.T):
+                raise ValueError("covariance must be symmetric")
             try:
                 self.scale_tril = torch.linalg.cholesky(cov)
             except RuntimeError as err:
@@ -158,6 +160,8 @@ class GaussianMixture(ReferenceModel):
             covs = _as_tensor(covariances, "covariances", dtype, device)
             if self.locs.dim() != 2 or covs.shape != (k, self.locs.shape[1], self.locs.shape[1]):
                 raise ValueError("d-D mixtures need locs [K, d] and covariances [K, d, d]")
+            if not torch.allclose(covs, covs.transpose(-1, -2)):
+                raise ValueError("covariances must be symmetric")
             try:
                 self.scale_trils = torch.linalg.cholesky(covs)
             except RuntimeError as err:

@@ -13,8 +13,9 @@ ratio-based built-in estimator, or where the Pareto k̂ of the estimates' tail i
 diagnosed on a finite support, where every finite estimate has finite variance).
 Where a case breaks the support assumption (E_p[q/p] < 1) and the estimate is k1 + c·(r − 1) plus an
 unbiased rest (k3: c = 1; the control variates: c = λ), its bias c·(E_p[q/p] − 1) is reported as the
-case's *assumption* rather than as the estimator's failure; where E_p[(q/p)²] = ∞, such an estimate is
-*unverifiable*. Any non-finite output, an exception
+case's *assumption* rather than as the estimator's failure. Where E_p[(q/p)²] = ∞, an estimate that
+adds a heavy-tailed term to k1 (Pareto k̂ of v − k1 ≥ ``khat_max``, as r − 1 has) is *unverifiable*: its sample mean cannot be
+trusted, whether or not it is right. Any non-finite output, an exception
 or a wrong output shape is caught outright.
 """
 from __future__ import annotations
@@ -156,15 +157,18 @@ def _cell(entry, case, expected, log_p, log_q, z_crit, z_power, config) -> dict:
                                      "likely infinite and a z-test meaningless")
     if abs(z) <= z_crit:
         return verdict(HOLDS, f"|z| = {abs(z):.2f} ≤ {z_crit:.2f}")
-    if not (case.support_ok and case.ratio_variance_finite):
+    if not case.support_ok:
         c = _ratio_cv_coefficient(v, log_p, log_q, expected, case.truth.value, z_crit)
-        if c is not None and not case.support_ok:
+        if c is not None:
             return verdict(ASSUMPTION, f"the estimate is k1 + c·(r − 1) with c = {c:.3g}, biased by "
                                        f"c·(E_p[q/p] − 1) = {c * (case.moments.mean_r.value - 1):+.4g} because q has "
                                        "mass outside p's support (E_p[q/p] < 1)")
-        if c is not None:
-            return verdict(UNVERIFIABLE, f"the estimate is k1 + c·(r − 1) with c = {c:.3g}, and r − 1 has infinite "
-                                         f"variance here ({case.moments.mean_r2.note})")
+    if not case.ratio_variance_finite:
+        extra = v + (log_q - log_p)  # v − k1: what the estimate adds to k1
+        k_extra = pareto_khat(extra, tail="both") if float(extra.abs().max()) > tol else -math.inf
+        if k_extra >= config.khat_max:
+            return verdict(UNVERIFIABLE, f"what the estimate adds to k1 is heavy-tailed (Pareto k̂ = {k_extra:.2f}), as "
+                                         f"any function of r = q/p is here: {case.moments.mean_r2.note}")
     return verdict(CAUGHT, f"bias {bias:+.4g} ({bias / scale:+.2%} of {expected:.4g}), |z| = {abs(z):.1f} > "
                            f"{z_crit:.2f}")
 
@@ -172,9 +176,8 @@ def _cell(entry, case, expected, log_p, log_q, z_crit, z_power, config) -> dict:
 def _ratio_cv_coefficient(v, log_p, log_q, expected: float, kl: float, z_crit: float) -> float | None:
     """c if ``v − k1 − c·(r − 1)`` (c fitted by least squares) is unbiased for ``expected − KL``, else None.
 
-    Then ``v`` is the control-variate estimator k1 + c(r − 1): unbiased only where E_p[r − 1] = 0, and
-    with a trustworthy sample mean only where E_p[r²] < ∞; on a case that breaks either, its deviation
-    from the truth is the case's doing, not a bug."""
+    Then ``v`` is the control-variate estimator k1 + c(r − 1), unbiased only where E_p[r − 1] = 0: on a
+    case that breaks that, its bias c·(E_p[r] − 1) is the case's doing, not a bug."""
     log_r = (log_q - log_p).double()
     cv = torch.expm1(log_r)
     d = v + log_r  # v − k1
