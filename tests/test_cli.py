@@ -1,0 +1,56 @@
+"""The estbench command line: exit codes and outputs as the contract states them."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def estbench(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "reports.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_cases_lists_every_case():
+    from reference_models import case_names
+
+    out = estbench("cases")
+    assert out.returncode == 0
+    for name in case_names():
+        assert name in out.stdout
+
+
+def test_gate_holds_for_k3_and_reports_assumptions():
+    out = estbench("gate", "--kl", "estimators.kl:k3", "--budget", str(2 ** 16))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "assumption" in out.stdout and "HOLDS" in out.stdout
+
+
+def test_gate_catches_a_planted_bug_with_a_table():
+    out = estbench("gate", "--kl", "tests.planted_bugs:k1_sign_flipped", "--budget", str(2 ** 16))
+    assert out.returncode == 1
+    assert "caught" in out.stdout and "CAUGHT" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gate", "--kl", "no_such_module:f"], "cannot import module"),
+    (["gate", "--kl", "estimators.kl:no_such_function"], "has no attribute"),
+    (["gate", "--kl", "estimators.kl"], "MODULE:FUNCTION"),
+    (["gate", "--kl", "estimators.kl:k3", "--cases", "nope"], "unknown case"),
+    (["gate", "--marginal", "estimators.kl:k3"], "not available yet"),
+    (["report", "--estimators", "nope"], "unknown estimator"),
+    (["report", "--replicates", "1"], "replicates"),
+])
+def test_usage_errors_exit_2(args, message):
+    out = estbench(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_report_quick_writes_html(tmp_path):
+    out = estbench("report", "--quick", "--cases", "gauss-shift-1", "uniform-support", "--out", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "r" / "index.html").is_file()
+    assert "report written to" in out.stdout
