@@ -5,13 +5,18 @@ import torch
 from torch import Tensor
 
 
+def check_float_tensor(name: str, value) -> None:
+    """``value`` must be a floating-point torch tensor."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must have a floating-point dtype, got {value.dtype}")
+
+
 def check_log_probs(log_p: Tensor, log_q: Tensor) -> None:
     """Check that ``log_p`` and ``log_q`` are finite, non-empty float tensors of one shape."""
     for name, value in (("log_p", log_p), ("log_q", log_q)):
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise ValueError(f"{name} must have a floating-point dtype, got {value.dtype}")
+        check_float_tensor(name, value)
         if value.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(value.shape)})")
     if log_p.shape != log_q.shape:

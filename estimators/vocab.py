@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._validate import check_float_tensor
+
 __all__ = ["token_kl"]
 
 
@@ -51,10 +53,7 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 8192) -> Tens
             all ``-inf``, or a ``chunk_size`` that is not a positive integer.
     """
     for name, value in (("logits_p", logits_p), ("logits_q", logits_q)):
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise ValueError(f"{name} must have a floating-point dtype, got {value.dtype}")
+        check_float_tensor(name, value)
         if value.dim() == 0:
             raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a 0-d tensor")
         if value.shape[-1] == 0:
