@@ -12,7 +12,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.distributions import Normal
 
 from estimators import kl
 from estimators.diagnostics import pareto_khat
