@@ -51,7 +51,10 @@ def _gpd_shape(x: np.ndarray) -> float:
     b /= 3 * x[int(n / 4 + 0.5) - 1]
     b += 1 / x[-1]
     k = np.log1p(-b[:, None] * x).mean(axis=1)
-    log_lik = n * (np.log(-b / k) - k - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_lik = n * (np.log(-b / k) - k - 1)
+    keep = np.isfinite(log_lik)  # a grid point with b = 0 (so k = 0) is the limit of its neighbours
+    b, log_lik = b[keep], log_lik[keep]
     with np.errstate(over="ignore"):  # an overflowing term only sends a negligible weight to 0
         weights = 1 / np.exp(log_lik - log_lik[:, None]).sum(axis=1)
     b_post = np.sum(b * weights / weights.sum())

@@ -63,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--cases", nargs="+", metavar="CASE", help="cases (default: all)")
     gate.add_argument("--seed", type=int, default=0)
     gate.add_argument("--alpha", type=float, default=1e-4, help="false-alarm rate of the whole run (%(default)s)")
-    gate.add_argument("--budget", type=int, default=2 ** 22, help="samples x event size per case (%(default)s)")
+    gate.add_argument("--rel-bias", type=float, default=0.02,
+                      help="relative bias each case is sized to detect with probability 0.9 (%(default)s)")
+    gate.add_argument("--max-budget", type=int, default=2 ** 26,
+                      help="cap on samples x event size per case (%(default)s)")
     gate.set_defaults(func=_gate)
     return parser
 
@@ -151,10 +154,11 @@ def _gate(args) -> int:
     fn = load_function(args.kl)
     cases = _check_names(args.cases or case_names(), case_names(), "case")
     try:
-        config = GateConfig(seed=args.seed, alpha=args.alpha, budget=args.budget)
+        config = GateConfig(seed=args.seed, alpha=args.alpha, rel_bias=args.rel_bias,
+                            chunk=min(GateConfig.chunk, args.max_budget), max_budget=args.max_budget)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    result = run_gate([GateEntry(args.kl, fn)], list(cases), config)
+    result = run_gate([GateEntry(args.kl, fn)], list(cases), config, progress=True)
     print(result.table())
     frame = result.frame
     counts = frame.verdict.value_counts().to_dict()

@@ -1,33 +1,40 @@
 """The gate: is an estimator unbiased on every KL case, within a stated false-alarm rate?
 
-For each (estimator, case) cell the gate draws N samples x ~ p (seeded from (seed, case), shared by all
-estimators of one run), applies the estimator and z-tests its mean against the exact expectation:
+For each (estimator, case) cell the gate streams samples x ~ p in chunks (chunk i seeded from
+(seed, case, i), shared by all estimators of one run), applies the estimator to each chunk and z-tests
+the mean of all its estimates against the exact expectation:
 
     z = (mean − expected) / (sd / √N),   caught when |z| > z_crit = Φ⁻¹(1 − α / 2m)
 
-with α the false-alarm rate of the whole run and m the number of cells tested (Bonferroni). The
-``detectable`` column is the relative bias the cell detects with probability ``power``:
-(z_crit + z_power)·SE / |expected|. A z-test means something only where the estimator's variance is
-finite, so a cell is *unverifiable* (not failed, not passed) where the case proves E_p[(q/p)²] = ∞ for a
-ratio-based built-in estimator, or where the Pareto k̂ of the estimates' tail is ≥ ``khat_max`` (not
-diagnosed on a finite support, where every finite estimate has finite variance).
-Where a case breaks the support assumption (E_p[q/p] < 1) and the estimate is k1 + c·(r − 1) plus an
-unbiased rest (k3: c = 1; the control variates: c = λ), its bias c·(E_p[q/p] − 1) is reported as the
-case's *assumption* rather than as the estimator's failure. Where E_p[(q/p)²] = ∞, an estimate that
-adds a heavy-tailed term to k1 (Pareto k̂ of v − k1 ≥ ``khat_max``, as r − 1 has) is *unverifiable*: its sample mean cannot be
-trusted, whether or not it is right. Any non-finite output, an exception
-or a wrong output shape is caught outright.
+with α the false-alarm rate of the whole run and m the number of cells tested (Bonferroni).
+
+**Sized for power.** The first chunk is a pilot: from its standard deviation σ̂ the cell takes
+N = ((z_crit + z_power)·σ̂ / (rel_bias·|expected|))² samples, so that a relative bias of ``rel_bias``
+(2%) is caught with probability ``power`` (0.9), up to ``max_budget`` samples × event elements. The
+``detectable`` column is the relative bias the cell detects with that probability,
+(z_crit + z_power)·SE / |expected|: above 2% only where the cap binds, and the table shows it.
+
+**Validity conditions.** A z-test means something only where the estimator's variance is finite, so a
+cell is *unverifiable* (not failed, not passed) where the case proves E_p[(q/p)²] = ∞ for a ratio-based
+built-in estimator, or where the Pareto k̂ of the pilot's estimates is ≥ ``khat_max`` (not diagnosed on a
+finite support, where every finite estimate has finite variance). Where a case breaks the support
+assumption (E_p[q/p] < 1) and the estimate is k1 + c·(r − 1) plus an unbiased rest (k3: c = 1; the
+control variates: c = λ), its bias c·(E_p[q/p] − 1) is reported as the case's *assumption* rather than
+as the estimator's failure. Where E_p[(q/p)²] = ∞, an estimate that adds a heavy-tailed term to k1
+(Pareto k̂ of v − k1 ≥ ``khat_max``, as r − 1 has) is *unverifiable*: its sample mean cannot be trusted,
+whether or not it is right. Any non-finite output, an exception or a wrong output shape is caught.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
+from tqdm.auto import tqdm
 
 from estimators.diagnostics import pareto_khat
 from reference_models import KLCase, case_names, get_case
@@ -35,32 +42,38 @@ from reference_models import KLCase, case_names, get_case
 from .catalog import ESTIMATORS, EstimatorSpec
 from .study import chunk_seed, draw_log_probs
 
-__all__ = ["GateConfig", "GateEntry", "GateResult", "run_gate", "entry_from_spec", "builtin_entries", "HOLDS", "CAUGHT",
-           "UNVERIFIABLE", "ASSUMPTION", "SKIPPED"]
+__all__ = ["GateConfig", "GateEntry", "GateResult", "run_gate", "entry_from_spec", "builtin_entries", "HOLDS",
+           "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED"]
 
 HOLDS, CAUGHT, UNVERIFIABLE, ASSUMPTION, SKIPPED = "holds", "caught", "unverifiable", "assumption", "skipped"
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    """``alpha``: false-alarm rate of one gate run (all cells together); ``budget``: samples × event
-    elements drawn per case; ``rel_bias`` and ``power``: the detection target the run is sized against."""
+    """``alpha``: false-alarm rate of one gate run (all cells together); ``rel_bias`` and ``power``: the
+    bias each cell is sized to detect and the probability of detecting it; ``chunk``: samples × event
+    elements per chunk (the first is the pilot); ``max_budget``: the cap per cell, in the same units."""
 
     seed: int = 0
     alpha: float = 1e-4
-    budget: int = 2 ** 22
     rel_bias: float = 0.02
     power: float = 0.9
     khat_max: float = 0.5
+    chunk: int = 2 ** 21
+    max_budget: int = 2 ** 26
     dtype: torch.dtype = torch.float32  # the log-probs an estimator is given, as RLHF code has them
 
     def __post_init__(self):
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.budget < 2 ** 10:
-            raise ValueError(f"budget must be at least 1024 samples, got {self.budget}")
         if not 0 < self.power < 1:
             raise ValueError(f"power must be in (0, 1), got {self.power}")
+        if not self.rel_bias > 0:
+            raise ValueError(f"rel_bias must be positive, got {self.rel_bias}")
+        if self.chunk < 2 ** 10:
+            raise ValueError(f"chunk must be at least 1024 elements, got {self.chunk}")
+        if self.max_budget < self.chunk:
+            raise ValueError(f"max_budget ({self.max_budget}) must be at least chunk ({self.chunk})")
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,10 @@ def entry_from_spec(spec: EstimatorSpec) -> GateEntry:
     return GateEntry(spec.name, spec.fn, spec.expected, spec.uses_ratio)
 
 
+def builtin_entries(names=None) -> list[GateEntry]:
+    return [entry_from_spec(ESTIMATORS[n]) for n in (names or ESTIMATORS)]
+
+
 @dataclass
 class GateResult:
     frame: pd.DataFrame
@@ -92,101 +109,155 @@ class GateResult:
         return self.caught(name).empty
 
     def table(self) -> str:
-        cols = ["estimator", "case", "verdict", "expected", "mean", "rel_bias", "z", "detectable", "khat", "reason"]
+        cols = ["estimator", "case", "verdict", "n", "expected", "mean", "rel_bias", "z", "detectable", "khat",
+                "reason"]
         with pd.option_context("display.max_colwidth", 90, "display.width", 250):
             return self.frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def run_gate(entries: list[GateEntry], cases: list[str] | None = None,
-             config: GateConfig = GateConfig()) -> GateResult:
+def run_gate(entries: list[GateEntry], cases: list[str] | None = None, config: GateConfig = GateConfig(),
+             progress: bool = False) -> GateResult:
     """Gate every entry on every case (default: all registered KL cases)."""
     if not entries:
         raise ValueError("entries must hold at least one estimator")
     built = [get_case(c) for c in (cases or case_names())]
-    plan = [(e, c, e.expected(c)) for e in entries for c in built]
-    m = sum(1 for _, _, exp in plan if exp is not None and math.isfinite(exp))
+    cells = {c.name: [_Cell(e, c, e.expected(c)) for e in entries] for c in built}
+    m = sum(cell.testable for row in cells.values() for cell in row)
     z_crit = float(stats.norm.isf(config.alpha / (2 * max(m, 1))))
     z_power = float(stats.norm.isf(1 - config.power))
-    samples = {}
     rows = []
-    for entry, case, expected in plan:
-        if case.name not in samples:
-            size = max(2 ** 10, config.budget // max(1, math.prod(case.p.event_shape)))
-            lp, lq = draw_log_probs(case, size, chunk_seed(config.seed, "gate", case.name))
-            samples[case.name] = lp.to(config.dtype), lq.to(config.dtype)
-        rows.append(_cell(entry, case, expected, *samples[case.name], z_crit, z_power, config))
+    for case in tqdm(built, desc="gate", unit="case", disable=not progress):
+        size = max(2 ** 10, config.chunk // max(1, math.prod(case.p.event_shape)))
+        max_chunks = max(1, config.max_budget // config.chunk)
+        live = [cell for cell in cells[case.name] if cell.testable]
+        i = 0
+        while live:
+            lp, lq = draw_log_probs(case, size, chunk_seed(config.seed, "gate", case.name, i))
+            lp, lq = lp.to(config.dtype), lq.to(config.dtype)
+            for cell in live:
+                cell.add(lp, lq, pilot=(i == 0), config=config)
+                if i == 0 and cell.open:
+                    cell.plan(z_crit, z_power, config, size, max_chunks)
+            i += 1
+            live = [cell for cell in live if cell.open and cell.chunks > i]
+        rows += [cell.row(z_crit, z_power, config) for cell in cells[case.name]]
     return GateResult(pd.DataFrame(rows), config)
 
 
-def _cell(entry, case, expected, log_p, log_q, z_crit, z_power, config) -> dict:
-    row = dict(estimator=entry.name, case=case.name, n=log_p.shape[0], expected=expected, mean=np.nan,
-               rel_bias=np.nan, z=np.nan, z_crit=z_crit, detectable=np.nan, khat=np.nan)
+@dataclass
+class _Cell:
+    """Streaming statistics of one (estimator, case): float64 sums of v, v − k1 and r − 1."""
 
-    def verdict(v, reason):
-        return {**row, "verdict": v, "reason": reason}
+    entry: GateEntry
+    case: KLCase
+    expected: float | None
+    verdict: str | None = None  # set early for outright failures and for cells that cannot be tested
+    reason: str = ""
+    chunks: int = 1
+    khat: float = math.nan
+    khat_extra: float = math.nan
+    sums: dict = field(default_factory=dict)
 
-    if expected is None or not math.isfinite(expected):
-        return verdict(SKIPPED, "no exact finite expectation on this case")
-    try:
-        out = entry.fn(log_p, log_q)
-    except Exception as err:  # a user's estimator may raise anything: that is a finding, not a crash
-        return verdict(CAUGHT, f"raised {type(err).__name__}: {err}")
-    log_p, log_q = log_p.double(), log_q.double()
-    if not isinstance(out, torch.Tensor) or out.shape != log_p.shape:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        return verdict(CAUGHT, f"returned {shape}, expected per-sample estimates of shape {tuple(log_p.shape)}")
-    v = out.detach().double()
-    bad = int((~torch.isfinite(v)).sum())
-    if bad:
-        return verdict(CAUGHT, f"{bad} non-finite estimates out of {v.numel()}")
-    n = v.numel()
-    mean, sd = float(v.mean()), float(v.std())
-    se = sd / math.sqrt(n)
-    bias = mean - expected
-    scale = max(abs(expected), 1e-12)
-    # A bias below the rounding error of the log-probs in the gate's dtype is no evidence of anything.
-    tol = 2 * torch.finfo(config.dtype).eps * float((log_p.abs() + log_q.abs()).mean())
-    z = 0.0 if abs(bias) <= tol else (bias / se if se > 0 else math.copysign(math.inf, bias))
-    # On a finite support every finite-valued estimator has finite variance: no tail to diagnose.
-    khat = math.nan if case.finite_support else pareto_khat(v, tail="both")
-    row.update(mean=mean, rel_bias=bias / scale, z=z, detectable=(z_crit + z_power) * se / scale, khat=khat)
-    if entry.uses_ratio and not case.ratio_variance_finite:
-        return verdict(UNVERIFIABLE, case.breaks["ratio_variance"])
-    if not case.finite_support and khat >= config.khat_max:
-        return verdict(UNVERIFIABLE, f"tail too heavy: Pareto k̂ = {khat:.2f} ≥ {config.khat_max}, the variance is "
-                                     "likely infinite and a z-test meaningless")
-    if abs(z) <= z_crit:
-        return verdict(HOLDS, f"|z| = {abs(z):.2f} ≤ {z_crit:.2f}")
-    if not case.support_ok:
-        c = _ratio_cv_coefficient(v, log_p, log_q, expected, case.truth.value, z_crit)
-        if c is not None:
-            return verdict(ASSUMPTION, f"the estimate is k1 + c·(r − 1) with c = {c:.3g}, biased by "
-                                       f"c·(E_p[q/p] − 1) = {c * (case.moments.mean_r.value - 1):+.4g} because q has "
-                                       "mass outside p's support (E_p[q/p] < 1)")
-    if not case.ratio_variance_finite:
-        extra = v + (log_q - log_p)  # v − k1: what the estimate adds to k1
-        k_extra = pareto_khat(extra, tail="both") if float(extra.abs().max()) > tol else -math.inf
-        if k_extra >= config.khat_max:
-            return verdict(UNVERIFIABLE, f"what the estimate adds to k1 is heavy-tailed (Pareto k̂ = {k_extra:.2f}), as "
-                                         f"any function of r = q/p is here: {case.moments.mean_r2.note}")
-    return verdict(CAUGHT, f"bias {bias:+.4g} ({bias / scale:+.2%} of {expected:.4g}), |z| = {abs(z):.1f} > "
-                           f"{z_crit:.2f}")
+    @property
+    def testable(self) -> bool:
+        return self.expected is not None and math.isfinite(self.expected)
 
+    @property
+    def open(self) -> bool:
+        return self.verdict is None
 
-def _ratio_cv_coefficient(v, log_p, log_q, expected: float, kl: float, z_crit: float) -> float | None:
-    """c if ``v − k1 − c·(r − 1)`` (c fitted by least squares) is unbiased for ``expected − KL``, else None.
+    def add(self, lp, lq, pilot: bool, config: GateConfig) -> None:
+        try:
+            out = self.entry.fn(lp, lq)
+        except Exception as err:  # a user's estimator may raise anything: that is a finding, not a crash
+            self.verdict, self.reason = CAUGHT, f"raised {type(err).__name__}: {err}"
+            return
+        if not isinstance(out, torch.Tensor) or out.shape != lp.shape:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            self.verdict, self.reason = CAUGHT, f"returned {shape}, expected per-sample estimates of shape {tuple(lp.shape)}"
+            return
+        v = out.detach().double()
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            self.verdict, self.reason = CAUGHT, f"{bad} non-finite estimates out of {v.numel()}"
+            return
+        log_r = lq.double() - lp.double()
+        d, cv = v + log_r, torch.expm1(log_r)  # what the estimate adds to k1; the control variate r − 1
+        for key, value in (("n", float(v.numel())), ("v", v.sum()), ("vv", (v * v).sum()), ("d", d.sum()),
+                           ("dd", (d * d).sum()), ("c", cv.sum()), ("cc", (cv * cv).sum()), ("dc", (d * cv).sum()),
+                           ("abs_logp", (lp.double().abs() + lq.double().abs()).sum())):
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        if pilot and not self.case.finite_support:  # on a finite support every finite estimate has finite variance
+            self.khat = pareto_khat(v, tail="both")
+            self.khat_extra = pareto_khat(d, tail="both") if float(d.abs().max()) > 0 else -math.inf
 
-    Then ``v`` is the control-variate estimator k1 + c(r − 1), unbiased only where E_p[r − 1] = 0: on a
-    case that breaks that, its bias c·(E_p[r] − 1) is the case's doing, not a bug."""
-    log_r = (log_q - log_p).double()
-    cv = torch.expm1(log_r)
-    d = v + log_r  # v − k1
-    c = float((d * cv).sum() / (cv * cv).sum())
-    rest = d - c * cv
-    se = float(rest.std()) / math.sqrt(rest.numel())
-    # 1e-4·KL absorbs the O(1/N) coupling of a leave-one-out λ with its own sample.
-    return c if abs(float(rest.mean()) - (expected - kl)) <= z_crit * se + 1e-4 * abs(kl) else None
+    def plan(self, z_crit: float, z_power: float, config: GateConfig, size: int, max_chunks: int) -> None:
+        """From the pilot: stop early where the test cannot mean anything, else choose N for the power."""
+        if self.entry.uses_ratio and not self.case.ratio_variance_finite:
+            self.verdict, self.reason = UNVERIFIABLE, self.case.breaks["ratio_variance"]
+        elif self.khat >= config.khat_max:
+            self.verdict, self.reason = UNVERIFIABLE, (f"tail too heavy: Pareto k̂ = {self.khat:.2f} ≥ {config.khat_max},"
+                                                       " the variance is likely infinite and a z-test meaningless")
+        else:
+            sd = math.sqrt(max(self._var("v", "vv"), 0.0))
+            needed = ((z_crit + z_power) * sd / (config.rel_bias * max(abs(self.expected), 1e-300))) ** 2
+            self.chunks = int(min(max_chunks, max(1, math.ceil(needed / size))))
 
+    def _mean(self, key: str) -> float:
+        return self.sums[key] / self.sums["n"]
 
-def builtin_entries(names=None) -> list[GateEntry]:
-    return [entry_from_spec(ESTIMATORS[n]) for n in (names or ESTIMATORS)]
+    def _var(self, key: str, square: str) -> float:
+        n = self.sums["n"]
+        return max(self.sums[square] - n * self._mean(key) ** 2, 0.0) / max(n - 1, 1)
+
+    def row(self, z_crit: float, z_power: float, config: GateConfig) -> dict:
+        row = dict(estimator=self.entry.name, case=self.case.name, n=int(self.sums.get("n", 0)), expected=self.expected,
+                   mean=np.nan, rel_bias=np.nan, z=np.nan, z_crit=z_crit, detectable=np.nan, khat=self.khat)
+        if not self.testable:
+            return {**row, "verdict": SKIPPED, "reason": "no exact finite expectation on this case"}
+        if self.verdict == CAUGHT:
+            return {**row, "verdict": CAUGHT, "reason": self.reason}
+        n, mean = self.sums["n"], self._mean("v")
+        se = math.sqrt(self._var("v", "vv") / n)
+        bias = mean - self.expected
+        scale = max(abs(self.expected), 1e-12)
+        # A bias below the rounding error of the log-probs in the gate's dtype is no evidence of anything.
+        tol = 2 * torch.finfo(config.dtype).eps * self._mean("abs_logp")
+        z = 0.0 if abs(bias) <= tol else (bias / se if se > 0 else math.copysign(math.inf, bias))
+        row.update(mean=mean, rel_bias=bias / scale, z=z, detectable=(z_crit + z_power) * se / scale)
+        verdict, reason = self._judge(z, z_crit, bias, scale, config)
+        return {**row, "verdict": verdict, "reason": reason}
+
+    def _judge(self, z, z_crit, bias, scale, config) -> tuple[str, str]:
+        if self.verdict is not None:
+            return self.verdict, self.reason
+        if abs(z) <= z_crit:
+            return HOLDS, f"|z| = {abs(z):.2f} ≤ {z_crit:.2f}"
+        case = self.case
+        if not case.support_ok:
+            c = self._ratio_cv_coefficient(z_crit)
+            if c is not None:
+                return ASSUMPTION, (f"the estimate is k1 + c·(r − 1) with c = {c:.3g}, biased by c·(E_p[q/p] − 1) = "
+                                    f"{c * (case.moments.mean_r.value - 1):+.4g} because q has mass outside p's support "
+                                    "(E_p[q/p] < 1)")
+        if not case.ratio_variance_finite and self.khat_extra >= config.khat_max:
+            return UNVERIFIABLE, (f"what the estimate adds to k1 is heavy-tailed (Pareto k̂ = {self.khat_extra:.2f}), as "
+                                  f"any function of r = q/p is here: {case.moments.mean_r2.note}")
+        return CAUGHT, (f"bias {bias:+.4g} ({bias / scale:+.2%} of {self.expected:.4g}), |z| = {abs(z):.1f} > "
+                        f"{z_crit:.2f}")
+
+    def _ratio_cv_coefficient(self, z_crit: float) -> float | None:
+        """c if ``v − k1 − c·(r − 1)`` (c fitted by least squares) is unbiased for ``expected − KL``, else None.
+
+        Then ``v`` is the control-variate estimator k1 + c(r − 1), unbiased only where E_p[r − 1] = 0: on a
+        case that breaks that, its bias c·(E_p[r] − 1) is the case's doing, not a bug."""
+        s, n = self.sums, self.sums["n"]
+        if s["cc"] == 0:
+            return None
+        c = s["dc"] / s["cc"]
+        rest_mean = (s["d"] - c * s["c"]) / n
+        rest_ss = max(s["dd"] - 2 * c * s["dc"] + c * c * s["cc"] - n * rest_mean ** 2, 0.0)
+        se = math.sqrt(rest_ss / max(n - 1, 1) / n)
+        kl = self.case.truth.value
+        # 1e-4·KL absorbs the O(1/N) coupling of a leave-one-out λ with its own sample.
+        return c if abs(rest_mean - (self.expected - kl)) <= z_crit * se + 1e-4 * abs(kl) else None

@@ -23,13 +23,13 @@ def test_cases_lists_every_case():
 
 
 def test_gate_holds_for_k3_and_reports_assumptions():
-    out = estbench("gate", "--kl", "estimators.kl:k3", "--budget", str(2 ** 16))
+    out = estbench("gate", "--kl", "estimators.kl:k3", "--max-budget", str(2 ** 16))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "assumption" in out.stdout and "HOLDS" in out.stdout
 
 
 def test_gate_catches_a_planted_bug_with_a_table():
-    out = estbench("gate", "--kl", "tests.planted_bugs:k1_sign_flipped", "--budget", str(2 ** 16))
+    out = estbench("gate", "--kl", "tests.planted_bugs:k1_sign_flipped", "--max-budget", str(2 ** 16))
     assert out.returncode == 1
     assert "caught" in out.stdout and "CAUGHT" in out.stdout
 
