@@ -21,8 +21,8 @@ finite support, where every finite estimate has finite variance). Where a case b
 assumption (E_p[q/p] < 1) and the estimate is k1 + c·(r − 1) plus an unbiased rest (k3: c = 1; the
 control variates: c = λ), its bias c·(E_p[q/p] − 1) is reported as the case's *assumption* rather than
 as the estimator's failure. Where E_p[(q/p)²] = ∞, an estimate that adds a heavy-tailed term to k1
-(Pareto k̂ of v − k1 ≥ ``khat_max``, as r − 1 has) is *unverifiable*: its sample mean cannot be trusted,
-whether or not it is right. Any non-finite output, an exception or a wrong output shape is caught.
+(Pareto k̂ of the pilot's v − k1 ≥ ``khat_max``, as r − 1 has) is *unverifiable*: its sample mean cannot
+be trusted, whether or not it is right, even where its own k̂ looks harmless (the 100-dimensional pair). Any non-finite output, an exception or a wrong output shape is caught.
 """
 from __future__ import annotations
 
@@ -198,6 +198,10 @@ class _Cell:
         elif self.khat >= config.khat_max:
             self.verdict, self.reason = UNVERIFIABLE, (f"tail too heavy: Pareto k̂ = {self.khat:.2f} ≥ {config.khat_max},"
                                                        " the variance is likely infinite and a z-test meaningless")
+        elif not self.case.ratio_variance_finite and self.khat_extra >= config.khat_max:
+            self.verdict, self.reason = UNVERIFIABLE, (
+                f"what the estimate adds to k1 is heavy-tailed (Pareto k̂ = {self.khat_extra:.2f}), as any function "
+                f"of r = q/p is here: {self.case.moments.mean_r2.note}")
         else:
             sd = math.sqrt(max(self._var("v", "vv"), 0.0))
             needed = ((z_crit + z_power) * sd / (config.rel_bias * max(abs(self.expected), 1e-300))) ** 2
@@ -225,10 +229,10 @@ class _Cell:
         tol = 2 * torch.finfo(config.dtype).eps * self._mean("abs_logp")
         z = 0.0 if abs(bias) <= tol else (bias / se if se > 0 else math.copysign(math.inf, bias))
         row.update(mean=mean, rel_bias=bias / scale, z=z, detectable=(z_crit + z_power) * se / scale)
-        verdict, reason = self._judge(z, z_crit, bias, scale, config)
+        verdict, reason = self._judge(z, z_crit, bias, scale)
         return {**row, "verdict": verdict, "reason": reason}
 
-    def _judge(self, z, z_crit, bias, scale, config) -> tuple[str, str]:
+    def _judge(self, z, z_crit, bias, scale) -> tuple[str, str]:
         if self.verdict is not None:
             return self.verdict, self.reason
         if abs(z) <= z_crit:
@@ -240,9 +244,6 @@ class _Cell:
                 return ASSUMPTION, (f"the estimate is k1 + c·(r − 1) with c = {c:.3g}, biased by c·(E_p[q/p] − 1) = "
                                     f"{c * (case.moments.mean_r.value - 1):+.4g} because q has mass outside p's support "
                                     "(E_p[q/p] < 1)")
-        if not case.ratio_variance_finite and self.khat_extra >= config.khat_max:
-            return UNVERIFIABLE, (f"what the estimate adds to k1 is heavy-tailed (Pareto k̂ = {self.khat_extra:.2f}), as "
-                                  f"any function of r = q/p is here: {case.moments.mean_r2.note}")
         return CAUGHT, (f"bias {bias:+.4g} ({bias / scale:+.2%} of {self.expected:.4g}), |z| = {abs(z):.1f} > "
                         f"{z_crit:.2f}")
 
