@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--replicates", type=int, default=None, help="replicates per cell (default: 1000)")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--quick", action="store_true", help=f"smoke run: n in {QUICK_NS}, 100 replicates")
+    report.add_argument("--no-resume", action="store_true",
+                        help="recompute every cell instead of reusing the finished ones in DIR/cells")
     report.set_defaults(func=_report)
 
     gate = sub.add_parser("gate", help="gate a user's estimator against every KL case; exit 1 if it is caught")
@@ -99,9 +101,14 @@ def _report(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from err
     start = time.perf_counter()
-    frame = run_study(config, progress=True)
+    out = Path(args.out)
+    cells = out / "cells"
+    if args.no_resume and cells.exists():
+        for f in cells.glob("*.json"):
+            f.unlink()
+    frame = run_study(config, progress=True, cache_dir=cells)
     meta = _provenance(args, config, time.perf_counter() - start)
-    path = write_report(frame, Path(args.out), meta)
+    path = write_report(frame, out, meta, seed=config.seed)
     print(f"report written to {path.resolve()}")
     return EXIT_OK
 

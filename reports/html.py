@@ -1,30 +1,22 @@
-"""The HTML report of a study: one self-contained page (inline CSS, no network) with PNG figures beside it."""
+"""The HTML report of a study: one self-contained page (inline CSS and JS, no network) with PNG figures
+in ``figures/`` beside it."""
 from __future__ import annotations
 
 import html
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from reference_models import get_case
 
-from reference_models import get_case  # noqa: E402
-
-from .catalog import ESTIMATORS  # noqa: E402
-from .study import COLUMNS  # noqa: E402
+from . import figures
+from .catalog import ESTIMATORS
+from .study import COLUMNS
 
 __all__ = ["write_report"]
 
 TABLE_COLUMNS = ["case", "estimator", "n", "truth", "mean", "bias", "bias_se", "rel_bias", "rsd", "rmse",
                  "frac_negative", "nonfinite", "truth_method"]
-DPI = 110
-#: Relative size below which a difference is float rounding (a constant estimate has rsd ~ 1e-16, not 0).
-ROUNDING = 1e-9
 esc = html.escape
 
 CSS = """
@@ -32,10 +24,31 @@ body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; 
 figure { margin: 1.5em 0; } figure img { max-width: 100%; } figcaption { font-size: 0.9em; color: #444; }
 table { border-collapse: collapse; font-size: 0.85em; }
 th, td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
-th { background: #f0f0f0; }
+th { background: #f0f0f0; cursor: pointer; } th.sorted-asc::after { content: " ▲"; } th.sorted-desc::after { content: " ▼"; }
 .table-wrap { overflow: auto; max-height: 70vh; border: 1px solid #ccc; }
 table.study { font-size: 12px; } table.study th { position: sticky; top: 0; z-index: 1; }
-table.provenance th, table.provenance td, table.summary td:nth-child(2) { text-align: left; white-space: normal; }
+table.provenance th, table.provenance td, table.left td { text-align: left; white-space: normal; }
+.waiting { color: #777; font-style: italic; }
+"""
+
+# Click a column header to sort the table by it (numbers numerically); no library, no network.
+SORT_JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("thead th").forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var asc = !th.classList.contains("sorted-asc");
+      table.querySelectorAll("thead th").forEach(function (h) { h.classList.remove("sorted-asc", "sorted-desc"); });
+      th.classList.add(asc ? "sorted-asc" : "sorted-desc");
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[col].textContent, y = b.cells[col].textContent, nx = parseFloat(x), ny = parseFloat(y);
+        var c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
+        return asc ? c : -c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
 """
 
 INTRO = (
@@ -45,23 +58,36 @@ INTRO = (
     "the replicates. Truths are exact (closed form, enumeration, or quadrature with an error bound)."
 )
 
-RSD_CAPTION = (
-    "Relative standard deviation of one per-sample estimate, rsd = √var / |truth|, with var = n × the "
-    "variance of the replicate means. For i.i.d. estimators rsd does not depend on n, so lines are flat up to "
-    "noise, and the samples needed for a given relative error scale as rsd². When q is close to p, k1's rsd "
-    "grows like √(2 / KL) while k2's and k3's stay near √2 (when log r is close to Gaussian). Where a case "
-    "breaks an estimator's finite-variance assumption (see above) its rsd is noise, not a property."
-)
-
-BIAS_CAPTION = (
-    "Relative bias (mean − truth) / |truth| with ±2 standard errors (2·bias_se / |truth|); the dashed line is "
-    "zero. An unbiased estimator's bars cross it in about 95% of cells. k2 is biased by design (it targets "
-    "E[(log r)²]/2); k3-type estimators are biased by E_p[r] − 1 where q has mass outside p's support."
-)
+CAPTIONS = {
+    "rsd": "Relative standard deviation of one per-sample estimate, rsd = √var / |truth|, with var = n × the "
+           "variance of the replicate means. For i.i.d. estimators rsd does not depend on n, so lines are flat up "
+           "to noise, and the samples needed for a given relative error scale as rsd². When q is close to p, k1's "
+           "rsd grows like √(2 / KL) while k2's and k3's stay near √2. Where a case breaks an estimator's "
+           "finite-variance assumption (see above) its rsd is noise that grows with n, not a property.",
+    "bias": "Relative bias (mean − truth) / |truth| with a ±2 standard-error band; the dashed line is zero and the "
+            "y axis is linear within ±0.02 and logarithmic beyond. An unbiased estimator's band covers zero in "
+            "about 95% of cells. k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased "
+            "by E_p[r] − 1 where q has mass outside p's support; on infinite-variance cases the bias is noise.",
+    "dist": "Single-sample estimates on one case. k1 = −log r is negative whenever q(x) > p(x), often about half "
+            "the time when q is close to p, and only its mean is right; k3 adds r − 1, which has mean zero, and "
+            "is never negative; k2 is never negative but biased.",
+    "cv": "Variance of the leave-one-out control variate k1 + λ̂(r − 1) relative to k1 and to k3 (λ = 1) at the "
+          "largest n, per case. Below 1 it helps. Its variance ratios mean nothing on cases that break the "
+          "support or finite-variance assumptions (listed above).",
+    "clamp": "The production clamps on the heavy-ratio case, where |log r| > 20 with probability ≈ 4%: verl's "
+             "low_var_kl and OpenRLHF's k3 cap each estimate at 10, which removes a quarter of the KL; k3 itself "
+             "is unbiased there. Bars: ±2 standard errors.",
+}
 
 
 def _table(frame: pd.DataFrame, css_class: str) -> str:
-    return frame.to_html(index=False, border=0, classes=css_class, na_rep="–", float_format=lambda v: f"{v:.4g}")
+    return frame.to_html(index=False, border=0, classes=f"{css_class} sortable", na_rep="–",
+                         float_format=lambda v: f"{v:.4g}")
+
+
+def _figure(name: str, alt: str, number: int, caption: str) -> str:
+    return (f'<figure><img src="figures/{name}" alt="{esc(alt)}">'
+            f"<figcaption>Figure {number}. {esc(caption)}</figcaption></figure>")
 
 
 def _summary(frame: pd.DataFrame) -> pd.DataFrame:
@@ -70,11 +96,11 @@ def _summary(frame: pd.DataFrame) -> pd.DataFrame:
             if ref in present}
     rows = []
     for name, g in frame.groupby("estimator", sort=False):
-        consistent = g["bias"].abs() <= 4 * g["bias_se"] + ROUNDING * g["truth"].abs()
+        consistent = g["bias"].abs() <= 4 * g["bias_se"] + figures.ROUNDING * g["truth"].abs()
         abs_rel = g["rel_bias"].abs().dropna()
         worst = g.loc[abs_rel.idxmax()] if len(abs_rel) else None
         row = {"estimator": name, "definition": ESTIMATORS[name].label if name in ESTIMATORS else "",
-               "|bias| ≤ 4·bias_se": f"{int(consistent.sum())} / {len(g)}",
+               "cells with |bias| ≤ 4·SE": f"{int(consistent.sum())} / {len(g)}",
                "worst |rel_bias|": "–" if worst is None
                else f"{abs(worst['rel_bias']):.4g} ({worst['case']}, n = {worst['n']})",
                "median rsd": g["rsd"].median()}
@@ -96,85 +122,94 @@ def _broken(frame: pd.DataFrame) -> list[str]:
     return items
 
 
-def _rsd_figure(frame: pd.DataFrame, path: Path, order: list[str]) -> list[str]:
-    """Draws rsd vs n; returns the cells it leaves out (not finite, or constant up to rounding)."""
-    drawable = np.isfinite(frame["rsd"]) & (frame["rsd"] > ROUNDING)
-    g = sns.relplot(data=frame[drawable], x="n", y="rsd", hue="estimator", hue_order=order, col="case",
-                    col_order=list(frame["case"].unique()), col_wrap=4, kind="line", marker="o", estimator=None,
-                    height=2.6, aspect=1.3, facet_kws={"sharey": False})
-    g.set(xscale="log", yscale="log")
-    for ax in g.axes.flat:  # plain numbers ("20", "0.5") rather than "2×10¹"
-        ax.yaxis.set_major_formatter(LogFormatter())
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-    g.set_titles("{col_name}")
-    g.savefig(path, dpi=DPI)
-    plt.close(g.figure)
-    left_out = frame[~drawable].groupby("case", sort=False)
-    return [f"{case}: {', '.join(g['estimator'].unique())}" for case, g in left_out]
+def _truths(frame: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for name in frame["case"].unique():
+        case = get_case(name)
+        rows.append({"case": name, "p ‖ q": f"{case.p.describe()} ‖ {case.q.describe()}",
+                     "KL(p‖q)": case.truth.value, "how it was obtained": case.truth.describe(),
+                     "E_p[q/p]": case.moments.mean_r.value, "E_p[(q/p)²]": case.moments.mean_r2.value,
+                     "breaks": ", ".join(case.breaks) or "–", "description": case.description})
+    return pd.DataFrame(rows)
 
 
-def _errorbars(data: pd.DataFrame, color, label: str) -> None:
-    data = data.sort_values("n")
-    plt.errorbar(data["x"], data["rel_bias"], yerr=2 * data["bias_se"] / data["truth"].abs(), fmt="o-", ms=3,
-                 lw=1, capsize=2, color=color, label=label)
-
-
-def _bias_figure(frame: pd.DataFrame, path: Path, order: list[str]) -> None:
-    data = frame[np.isfinite(frame["rel_bias"])].copy()
-    # spread the estimators a little along n so that their error bars do not overlap
-    data["x"] = data["n"] * 1.08 ** (data["estimator"].map(order.index) - (len(order) - 1) / 2)
-    g = sns.FacetGrid(data, col="case", col_order=list(frame["case"].unique()), col_wrap=4, hue="estimator",
-                      hue_order=order, height=2.6, aspect=1.3, sharey=False)
-    g.map_dataframe(_errorbars)
-    for ax in g.axes.flat:
-        ax.axhline(0, ls="--", lw=0.8, color="0.4")
-        ax.set_xscale("log")
-    g.set_titles("{col_name}")
-    g.set_axis_labels("n", "relative bias")
-    g.add_legend()
-    g.savefig(path, dpi=DPI)
-    plt.close(g.figure)
-
-
-def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str]) -> Path:
+def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str], seed: int = 0) -> Path:
     """Write ``out_dir/index.html`` and its figures ``out_dir/figures/*.png`` for a study frame of
-    :func:`reports.study.run_study`; ``meta`` (name -> text) is printed as provenance. Returns the page's path."""
+    :func:`reports.study.run_study`; ``meta`` (name -> text) is printed as provenance, ``seed`` seeds the
+    per-sample figure. Returns the page's path."""
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing or frame.empty:
         raise ValueError(f"frame must be a non-empty study frame; missing columns: {missing}")
     out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
     order = list(frame["estimator"].unique())
-    not_drawn = _rsd_figure(frame, out / "figures" / "rsd_vs_n.png", order)
-    _bias_figure(frame, out / "figures" / "rel_bias_vs_n.png", order)
+    cases = list(frame["case"].unique())
 
-    broken = _broken(frame)
-    rsd_caption = RSD_CAPTION + (" Not drawn (a constant estimate, rsd = 0 up to rounding, or not finite): "
-                                 + "; ".join(not_drawn) + "." if not_drawn else "")
+    not_drawn = figures.rsd_vs_n(frame, fig_dir / "rsd_vs_n.png", order)
+    figures.bias_vs_n(frame, fig_dir / "rel_bias_vs_n.png", order)
+    blocks = [_figure("rsd_vs_n.png", "relative standard deviation vs n, one panel per case", 1,
+                      CAPTIONS["rsd"] + (" Not drawn (a constant estimate, rsd = 0 up to rounding, or not "
+                                         "finite): " + "; ".join(not_drawn) + "." if not_drawn else "")),
+              _figure("rel_bias_vs_n.png", "relative bias vs n with a 2-SE band, one panel per case", 2,
+                      CAPTIONS["bias"])]
+    waiting = []
+    shown = [e for e in ("k1", "k2", "k3") if e in order]
+    if shown:
+        case = "gauss-shift-0.1" if "gauss-shift-0.1" in cases else cases[0]
+        negative = figures.per_sample_distribution(case, shown, seed, fig_dir / "per_sample.png")
+        fractions = ", ".join(f"{k}: {v:.1%}" for k, v in negative.items())
+        blocks.append(_figure("per_sample.png", f"histogram of single-sample estimates on {case}", len(blocks) + 1,
+                              f"{CAPTIONS['dist']} Fraction of negative estimates here: {fractions}."))
+    if "k1_cv" in order and {"k1", "k3"} & set(order):
+        figures.variance_ratio(frame, "k1_cv", [e for e in ("k1", "k3") if e in order],
+                               fig_dir / "cv_variance.png")
+        blocks.append(_figure("cv_variance.png", "variance ratio of the control variate per case",
+                              len(blocks) + 1, CAPTIONS["cv"]))
+    else:
+        waiting.append("control-variate variance reduction (needs k1_cv and k1 or k3 in the study)")
+    clamped = [e for e in ("k3", "verl_low_var_kl", "openrlhf_k3") if e in order]
+    if "heavy-ratio" in cases and len(clamped) > 1:
+        figures.clamp_bias(frame, "heavy-ratio", clamped, fig_dir / "clamp_bias.png")
+        blocks.append(_figure("clamp_bias.png", "relative bias of the clamped variants on heavy-ratio",
+                              len(blocks) + 1, CAPTIONS["clamp"]))
+    else:
+        waiting.append("the production clamps' bias (needs the heavy-ratio case and a clamped variant)")
+    waiting += ["Rao-Blackwellized KL variance reduction (waits for the autoregressive reference models)",
+                "log-of-mean bias vs K with the theory curves and the jackknife (waits for the marginal-likelihood "
+                "estimators)"]
+
     replicates = ", ".join(map(str, sorted(frame["replicates"].unique())))
-    scope = (f"{frame['case'].nunique()} cases × {len(order)} estimators × n ∈ "
+    scope = (f"{len(cases)} cases × {len(order)} estimators × n ∈ "
              f"{{{', '.join(map(str, sorted(frame['n'].unique())))}}}, {replicates} replicates per cell.")
-    provenance = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
-                         for k, v in meta.items())
+    broken = _broken(frame)
+    provenance = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in meta.items())
+    asv = Path(".asv/html/index.html")
+    asv_link = (f'<p><a href="{esc(asv.resolve().as_uri())}">asv history of the benchmarks</a></p>'
+                if asv.exists() else "<p>No asv history here yet (run <code>asv run</code> and "
+                                     "<code>asv publish</code> to make one).</p>")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>estbench: KL estimator study</title>
 <style>{CSS}</style></head><body>
 <h1>estbench: KL estimator study</h1>
 <p>{esc(INTRO)} {esc(scope)}</p>
 <section id="summary"><h2>Summary per estimator</h2>
-<p>Cells consistent with the truth (|bias| ≤ 4·bias_se, give or take float rounding), the worst relative
-bias, the median rsd, and the median variance relative to k1's and k3's on the same (case, n).</p>
-<div class="table-wrap">{_table(_summary(frame), "summary")}</div></section>
+<p>Cells consistent with the truth (|bias| ≤ 4·SE, give or take float rounding), the worst relative bias,
+the median rsd, and the median variance relative to k1's and k3's on the same (case, n). Click a header to
+sort.</p>
+<div class="table-wrap">{_table(_summary(frame), "summary left")}</div></section>
 <section id="broken"><h2>Broken assumptions</h2>
 {"<ul>" + "".join(f"<li>{item}</li>" for item in broken) + "</ul>" if broken else "<p>None.</p>"}</section>
 <section id="figures"><h2>Figures</h2>
-<figure><img src="figures/rsd_vs_n.png" alt="relative standard deviation vs n, one panel per case">
-<figcaption>Figure 1. {esc(rsd_caption)}</figcaption></figure>
-<figure><img src="figures/rel_bias_vs_n.png" alt="relative bias vs n, one panel per case">
-<figcaption>Figure 2. {esc(BIAS_CAPTION)}</figcaption></figure></section>
+{"".join(blocks)}
+<p class="waiting">Waiting for data: {esc("; ".join(waiting))}.</p></section>
 <section id="study"><h2>Study table</h2>
 <div class="table-wrap">{_table(frame[TABLE_COLUMNS], "study")}</div></section>
-<section id="provenance"><h2>Provenance</h2><table class="provenance">{provenance}</table></section>
+<section id="truths"><h2>Cases and how each truth was obtained</h2>
+<div class="table-wrap">{_table(_truths(frame), "truths left")}</div></section>
+<section id="provenance"><h2>Provenance</h2><table class="provenance">{provenance}</table>
+{asv_link}</section>
+<script>{SORT_JS}</script>
 </body></html>
 """
     path = out / "index.html"

@@ -8,8 +8,10 @@ one process or a cluster, gives identical numbers for the same seed.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,8 +101,23 @@ def _run_cell(case: KLCase, spec: EstimatorSpec, n: int, replicates: int, seed: 
         nonfinite=nonfinite, breaks="; ".join(breaks))
 
 
-def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
+def _cell_file(cache_dir: Path, case: str, estimator: str, n: int, replicates: int, seed: int) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("estbench")
+    except PackageNotFoundError:
+        release = "unknown"
+    key = chunk_seed(release, case, estimator, n, replicates, seed)
+    return cache_dir / f"{case}__{estimator}__n{n}__r{replicates}__s{seed}__{key:016x}.json"
+
+
+def run_study(config: StudyConfig, progress: bool = True, cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Run every (case, estimator, n) of ``config``; one row each, columns :data:`COLUMNS`.
+
+    With ``cache_dir``, each finished cell is written there as JSON and a rerun loads it instead of
+    recomputing it, so an interrupted study resumes where it stopped (the numbers are the same either way:
+    every chunk is seeded). The cache key holds the installed estbench version.
 
     ``var`` is n × the variance of the replicate means (the per-sample variance for i.i.d. estimators,
     and the honest equivalent for the leave-one-out control variate); ``rsd = √var / |truth|``;
@@ -117,12 +134,26 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
                 skipped.append(f"{spec.name} on {case.name}: its target {spec.target} is infinite ({target.note})")
                 continue
             cells += [(case, spec, n) for n in config.ns]
-    total = sum(len(_chunks(case, n, config.replicates)) for case, _, n in cells)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    files = [_cell_file(cache, case.name, spec.name, n, config.replicates, config.seed) if cache else None
+             for case, spec, n in cells]
+    todo = [cell for cell, f in zip(cells, files) if f is None or not f.exists()]
+    total = sum(len(_chunks(case, n, config.replicates)) for case, _, n in todo)
     rows = []
     with tqdm(total=total, desc="study", unit="chunk", disable=not progress) as bar:
-        for case, spec, n in cells:
+        for (case, spec, n), f in zip(cells, files):
+            if f is not None and f.exists():
+                rows.append(json.loads(f.read_text()))
+                continue
             bar.set_postfix_str(f"{case.name} {spec.name} n={n}", refresh=False)
-            rows.append(_run_cell(case, spec, n, config.replicates, config.seed, bar))
+            row = _run_cell(case, spec, n, config.replicates, config.seed, bar)
+            if f is not None:
+                tmp = f.with_suffix(".tmp")
+                tmp.write_text(json.dumps(row))
+                tmp.replace(f)  # atomic: an interrupted write leaves no half cell behind
+            rows.append(row)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame.attrs["skipped"] = skipped
     return frame

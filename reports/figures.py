@@ -1,0 +1,121 @@
+"""Seaborn figures of a study frame. Each function saves one PNG and returns what its caption needs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
+
+from reference_models import get_case  # noqa: E402
+
+from .catalog import get_estimator  # noqa: E402
+from .study import chunk_seed, draw_log_probs  # noqa: E402
+
+DPI = 110
+#: Relative size below which a difference is float rounding (a constant estimate has rsd ~ 1e-16, not 0).
+ROUNDING = 1e-9
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def rsd_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> list[str]:
+    """rsd vs n per case (log-log); returns the cells it leaves out (not finite, or constant up to rounding)."""
+    drawable = np.isfinite(frame["rsd"]) & (frame["rsd"] > ROUNDING)
+    g = sns.relplot(data=frame[drawable], x="n", y="rsd", hue="estimator", hue_order=order, col="case",
+                    col_order=list(frame["case"].unique()), col_wrap=4, kind="line", marker="o", estimator=None,
+                    height=2.6, aspect=1.3, facet_kws={"sharey": False})
+    g.set(xscale="log", yscale="log")
+    for ax in g.axes.flat:  # plain numbers ("20", "0.5") rather than "2×10¹"
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    g.set_titles("{col_name}")
+    _save(g.figure, path)
+    left_out = frame[~drawable].groupby("case", sort=False)
+    return [f"{case}: {', '.join(g['estimator'].unique())}" for case, g in left_out]
+
+
+def _band(data: pd.DataFrame, color, label: str) -> None:
+    data = data.sort_values("n")
+    half = 2 * data["bias_se"] / data["truth"].abs()
+    plt.plot(data["n"], data["rel_bias"], "o-", ms=3, lw=1, color=color, label=label)
+    plt.fill_between(data["n"], data["rel_bias"] - half, data["rel_bias"] + half, color=color, alpha=0.2, lw=0)
+
+
+def bias_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> None:
+    """Relative bias with a ±2 SE band vs n per case; symlog y so one wild cell does not flatten the rest."""
+    data = frame[np.isfinite(frame["rel_bias"])]
+    g = sns.FacetGrid(data, col="case", col_order=list(frame["case"].unique()), col_wrap=4, hue="estimator",
+                      hue_order=order, height=2.6, aspect=1.3, sharey=False)
+    g.map_dataframe(_band)
+    for ax in g.axes.flat:
+        ax.axhline(0, ls="--", lw=0.8, color="0.4")
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=0.02)
+    g.set_titles("{col_name}")
+    g.set_axis_labels("n", "relative bias")
+    g.add_legend()
+    _save(g.figure, path)
+
+
+def per_sample_distribution(case_name: str, estimators: list[str], seed: int, path: Path,
+                            size: int = 2 ** 16) -> dict[str, float]:
+    """Histogram of single-sample estimates on one case; returns each estimator's fraction below zero."""
+    case = get_case(case_name)
+    log_p, log_q = draw_log_probs(case, size, chunk_seed(seed, "figure", case_name))
+    values = {name: get_estimator(name).fn(log_p, log_q).double().numpy() for name in estimators}
+    negative = {name: float((v < 0).mean()) for name, v in values.items()}
+    lo, hi = np.quantile(np.concatenate(list(values.values())), [0.002, 0.998])
+    long = pd.concat([pd.DataFrame({"estimate": v[(v >= lo) & (v <= hi)],
+                                    "estimator": f"{name} ({negative[name]:.0%} < 0)"})
+                      for name, v in values.items()])
+    g = sns.displot(data=long, x="estimate", row="estimator", hue="estimator", stat="density", bins=150,
+                    element="step", height=1.4, aspect=5, legend=False, facet_kws={"sharey": False})
+    for ax in g.axes.flat:
+        ax.axvline(case.truth.value, color="k", lw=1, ls="--")
+        ax.axvline(0, color="0.5", lw=0.8)
+    g.set_titles("{row_name}")
+    g.figure.suptitle(f"{case_name}: one-sample estimates (dashed: the exact KL = {case.truth.value:.4g})", y=1.02)
+    _save(g.figure, path)
+    return negative
+
+
+def variance_ratio(frame: pd.DataFrame, estimator: str, references: list[str], path: Path) -> pd.DataFrame:
+    """var(estimator) / var(reference) per case at the largest n, as a bar chart on a log axis."""
+    top = frame[frame["n"] == frame["n"].max()].set_index(["case", "estimator"])["var"]
+    cases = [c for c in frame["case"].unique() if (c, estimator) in top.index]
+    rows = [{"case": c, "relative to": ref, "variance ratio": top[(c, estimator)] / top[(c, ref)]}
+            for c in cases for ref in references if (c, ref) in top.index and top[(c, ref)] > 0]
+    ratios = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    sns.barplot(data=ratios, x="case", y="variance ratio", hue="relative to", ax=ax)
+    ax.set_yscale("log")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.tick_params(axis="x", rotation=45)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    ax.set_title(f"variance of {estimator} relative to {', '.join(references)} (n = {frame['n'].max()})")
+    _save(fig, path)
+    return ratios
+
+
+def clamp_bias(frame: pd.DataFrame, case_name: str, estimators: list[str], path: Path) -> pd.DataFrame:
+    """Relative bias ± 2 SE of the clamped production variants and k3 on one case, at the largest n."""
+    rows = frame[(frame["case"] == case_name) & frame["estimator"].isin(estimators)]
+    rows = rows[rows["n"] == rows["n"].max()]
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.barh(rows["estimator"], rows["rel_bias"], xerr=2 * rows["bias_se"] / rows["truth"].abs(),
+            color=sns.color_palette()[: len(rows)])
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("relative bias")
+    ax.set_title(f"{case_name} (KL = {rows['truth'].iloc[0]:.4g}), n = {rows['n'].iloc[0]}")
+    _save(fig, path)
+    return rows[["estimator", "rel_bias", "bias_se"]]
