@@ -71,3 +71,13 @@ def test_study_config_rejects_bad_input():
         StudyConfig(("gauss-shift-1",), ("nope",), (10,), 10)
     with pytest.raises(ValueError, match="unknown case"):
         run_study(StudyConfig(("nope",), ("k1",), (10,), 10), progress=False)
+
+
+def test_resume_reuses_finished_cells_and_gives_the_same_numbers(tmp_path):
+    full = StudyConfig(("gauss-shift-1", "vocab-50k"), ("k1", "k3"), (10, 100), 40, seed=3)
+    part = StudyConfig(("gauss-shift-1",), ("k1",), (10, 100), 40, seed=3)  # an "interrupted" run
+    run_study(part, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    resumed = run_study(full, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 8
+    pd.testing.assert_frame_equal(resumed, run_study(full, progress=False))
