@@ -29,6 +29,7 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -122,7 +123,7 @@ def _provenance(args, config: StudyConfig, seconds: float) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {
-        "command": "estbench " + " ".join(sys.argv[1:]) if sys.argv else "estbench report",
+        "command": "estbench " + " ".join(args.argv),
         "seed": str(config.seed), "replicates": str(config.replicates), "n": ", ".join(map(str, config.ns)),
         "study wall time": f"{seconds:.1f} s", "commit": commit,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -22,6 +22,10 @@ DPI = 110
 ROUNDING = 1e-9
 
 
+def _wrap(frame: pd.DataFrame) -> int:
+    return min(4, frame["case"].nunique())
+
+
 def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -31,7 +35,7 @@ def rsd_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> list[str]:
     """rsd vs n per case (log-log); returns the cells it leaves out (not finite, or constant up to rounding)."""
     drawable = np.isfinite(frame["rsd"]) & (frame["rsd"] > ROUNDING)
     g = sns.relplot(data=frame[drawable], x="n", y="rsd", hue="estimator", hue_order=order, col="case",
-                    col_order=list(frame["case"].unique()), col_wrap=4, kind="line", marker="o", estimator=None,
+                    col_order=list(frame["case"].unique()), col_wrap=_wrap(frame), kind="line", marker="o", estimator=None,
                     height=2.6, aspect=1.3, facet_kws={"sharey": False})
     g.set(xscale="log", yscale="log")
     for ax in g.axes.flat:  # plain numbers ("20", "0.5") rather than "2×10¹"
@@ -53,7 +57,7 @@ def _band(data: pd.DataFrame, color, label: str) -> None:
 def bias_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> None:
     """Relative bias with a ±2 SE band vs n per case; symlog y so one wild cell does not flatten the rest."""
     data = frame[np.isfinite(frame["rel_bias"])]
-    g = sns.FacetGrid(data, col="case", col_order=list(frame["case"].unique()), col_wrap=4, hue="estimator",
+    g = sns.FacetGrid(data, col="case", col_order=list(frame["case"].unique()), col_wrap=_wrap(frame), hue="estimator",
                       hue_order=order, height=2.6, aspect=1.3, sharey=False)
     g.map_dataframe(_band)
     for ax in g.axes.flat:
@@ -89,20 +93,21 @@ def per_sample_distribution(case_name: str, estimators: list[str], seed: int, pa
 
 
 def variance_ratio(frame: pd.DataFrame, estimator: str, references: list[str], path: Path) -> pd.DataFrame:
-    """var(estimator) / var(reference) per case at the largest n, as a bar chart on a log axis."""
+    """var(estimator) / var(reference) per case at the largest n, as points on a log axis."""
     top = frame[frame["n"] == frame["n"].max()].set_index(["case", "estimator"])["var"]
     cases = [c for c in frame["case"].unique() if (c, estimator) in top.index]
     rows = [{"case": c, "relative to": ref, "variance ratio": top[(c, estimator)] / top[(c, ref)]}
             for c in cases for ref in references if (c, ref) in top.index and top[(c, ref)] > 0]
     ratios = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    sns.barplot(data=ratios, x="case", y="variance ratio", hue="relative to", ax=ax)
+    sns.scatterplot(data=ratios, x="case", y="variance ratio", hue="relative to", style="relative to", s=60, ax=ax)
     ax.set_yscale("log")
     ax.axhline(1, color="k", lw=0.8)
     ax.tick_params(axis="x", rotation=45)
     for label in ax.get_xticklabels():
         label.set_horizontalalignment("right")
-    ax.set_title(f"variance of {estimator} relative to {', '.join(references)} (n = {frame['n'].max()})")
+    ax.set_title(f"variance of {estimator} relative to {', '.join(references)} (n = {frame['n'].max()}); "
+                 "below 1 it helps")
     _save(fig, path)
     return ratios
 

@@ -42,7 +42,7 @@ def test_sections_in_order(page):
 def test_images_exist_and_are_png(page):
     path, text = page
     sources = re.findall(r'<img src="([^"]+)"', text)
-    assert len(sources) == 3  # rsd, bias, per-sample distribution (this study has no k1_cv nor heavy-ratio)
+    assert len(sources) == 5  # rsd, bias, per-sample, and the two seed experiments (no k1_cv nor heavy-ratio here)
     for src in sources:
         png = path.parent / src
         assert png.is_file() and png.stat().st_size > 0
