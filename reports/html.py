@@ -94,6 +94,7 @@ def _summary(frame: pd.DataFrame) -> pd.DataFrame:
     present = set(frame["estimator"])
     refs = {ref: frame[frame["estimator"] == ref].set_index(["case", "n"])["var"] for ref in ("k1", "k3")
             if ref in present}
+    refs = {ref: v[v > 0] for ref, v in refs.items()}  # a constant reference (uniform-support) has no ratio
     rows = []
     for name, g in frame.groupby("estimator", sort=False):
         consistent = g["bias"].abs() <= 4 * g["bias_se"] + figures.ROUNDING * g["truth"].abs()
@@ -105,7 +106,7 @@ def _summary(frame: pd.DataFrame) -> pd.DataFrame:
                else f"{abs(worst['rel_bias']):.4g} ({worst['case']}, n = {worst['n']})",
                "median rsd": g["rsd"].median()}
         for ref, ref_var in refs.items():
-            row[f"median var / var({ref})"] = (g.set_index(["case", "n"])["var"] / ref_var).median()
+            row[f"median var / var({ref})"] = (g.set_index(["case", "n"])["var"] / ref_var).dropna().median()
         rows.append(row)
     return pd.DataFrame(rows)
 
