@@ -29,7 +29,7 @@ def test_gate_holds_for_k3_and_reports_assumptions():
 
 
 def test_gate_catches_a_planted_bug_with_a_table():
-    out = estbench("gate", "--kl", "tests.planted_bugs:k1_sign_flipped", "--max-budget", str(2 ** 16))
+    out = estbench("gate", "--kl", "reports.planted_bugs:k1_sign_flipped", "--max-budget", str(2 ** 16))
     assert out.returncode == 1
     assert "caught" in out.stdout and "CAUGHT" in out.stdout
 

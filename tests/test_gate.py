@@ -14,7 +14,7 @@ from estimators import kl
 from reference_models import get_case
 from reports.catalog import UNBIASED
 from reports.gate import ASSUMPTION, CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, GateEntry, builtin_entries, run_gate
-from tests.planted_bugs import PLANTED
+from reports.planted_bugs import PLANTED
 
 CORRECT = [*UNBIASED, "k2"]  # k2 against its own exact expectation E_p[(log r)²]/2
 USER_STYLE = [GateEntry("user_k1", kl.k1), GateEntry("user_k3", kl.k3), GateEntry("user_cv", kl.k1_control_variate)]

@@ -1,7 +1,7 @@
 """Planted bugs: plausible wrong KL estimators that the gate must catch.
 
 Each has the contract's signature f(log_p, log_q) -> per-sample estimates of KL(p||q), x ~ p. They are
-also usable from the command line: ``estbench gate --kl tests.planted_bugs:k3_wrong_direction``.
+also usable from the command line: ``estbench gate --kl reports.planted_bugs:k3_wrong_direction``.
 """
 import math
 
