@@ -1,0 +1,124 @@
+"""Throughput: time_ and peakmem_ of the estimators, a whole study and the vocabulary KL, with time / floor
+ratios (track_, lower is better) measured against floors in the same process."""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from estimators import kl
+from estimators.vocab import token_kl
+from reports.study import StudyConfig, run_study
+
+from .floors import best_of, read_floor, require_device, sample_floor
+
+#: ESTBENCH_ASV_SMOKE=1 (CI's dry run) keeps the small sizes only, so that a broken benchmark fails fast.
+SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"
+SIZES = [10 ** 3, 10 ** 4] if SMOKE else [10 ** 3, 10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7]
+DEVICES = ["cpu", "cuda"]
+
+
+class Estimators:
+    """Per-sample KL estimators on n float32 log-prob pairs."""
+
+    params = (SIZES, ["k1", "k2", "k3", "k1_control_variate", "verl_low_var_kl"], DEVICES)
+    param_names = ["n", "estimator", "device"]
+    timeout = 120
+
+    def setup(self, n, name, device):
+        require_device(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        self.log_p = -5 * torch.rand(n, generator=g, device=device)
+        self.log_q = self.log_p + 0.1 * torch.randn(n, generator=g, device=device)
+        self.fn = getattr(kl, name)
+
+    def time_estimator(self, n, name, device):
+        self.fn(self.log_p, self.log_q)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def peakmem_estimator(self, n, name, device):
+        self.fn(self.log_p, self.log_q)
+
+    def track_time_over_floor(self, n, name, device):
+        """Time / (one exp and one log pass over n elements)."""
+        floor = best_of(lambda: torch.log(torch.exp(self.log_q)))
+        return best_of(lambda: self.fn(self.log_p, self.log_q)) / floor
+
+    track_time_over_floor.unit = "× floor"
+
+
+class Study:
+    """A whole study (sampling, exact log-densities, estimator, statistics) of k3 on gauss-shift-1 with
+    N = replicates × n samples; the reference models live on the CPU."""
+
+    params = SIZES
+    param_names = ["samples"]
+    timeout = 300
+
+    def setup(self, samples):
+        n = min(1000, samples // 2)
+        self.config = StudyConfig(("gauss-shift-1",), ("k3",), (n,), samples // n, seed=0)
+
+    def time_study(self, samples):
+        run_study(self.config, progress=False)
+
+    def peakmem_study(self, samples):
+        run_study(self.config, progress=False)
+
+
+class StudyFloor:
+    """The issue's target: a 10⁴-replicate × n = 10³ study of k1, k2 and k3 on a Gaussian case, against
+    three floors (each estimator draws its own seeded samples) of 10⁷ draws + exp + log."""
+
+    timeout = 300
+    replicates = 10 if SMOKE else 10 ** 4
+    config = StudyConfig(("gauss-shift-1",), ("k1", "k2", "k3"), (1000,), replicates, seed=0)
+
+    def track_study_over_floor(self):
+        study = best_of(lambda: run_study(self.config, progress=False), repeat=1)
+        return study / (3 * sample_floor(1000 * self.replicates))
+
+    track_study_over_floor.unit = "× floor"
+
+
+class VocabKL:
+    """Exact per-token KL from two [rows, V] logit tensors: token_kl (vocabulary chunks) against
+    log_softmax + kl_div in torch, and against one read of the logits."""
+
+    params = ([50257] if SMOKE else [50257, 200000], ["float32", "bfloat16"], DEVICES)
+    param_names = ["vocab", "dtype", "device"]
+    rows = 64
+    timeout = 300
+
+    def setup(self, vocab, dtype, device):
+        require_device(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        shape = (self.rows, vocab)
+        self.a = torch.randn(shape, generator=g, device=device).to(getattr(torch, dtype))
+        self.b = (self.a.float() + 0.3 * torch.randn(shape, generator=g, device=device)).to(getattr(torch, dtype))
+
+    def _torch(self):
+        a, b = self.a.float(), self.b.float()
+        return F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+
+    def time_token_kl(self, vocab, dtype, device):
+        token_kl(self.a, self.b)
+
+    def time_torch_reference(self, vocab, dtype, device):
+        self._torch()
+
+    def peakmem_token_kl(self, vocab, dtype, device):
+        token_kl(self.a, self.b)
+
+    def peakmem_torch_reference(self, vocab, dtype, device):
+        self._torch()
+
+    def track_time_over_torch(self, vocab, dtype, device):
+        return best_of(lambda: token_kl(self.a, self.b)) / best_of(self._torch)
+
+    track_time_over_torch.unit = "× torch"
+
+    def track_time_over_read_floor(self, vocab, dtype, device):
+        return best_of(lambda: token_kl(self.a, self.b)) / read_floor(self.a, self.b)
+
+    track_time_over_read_floor.unit = "× floor"
