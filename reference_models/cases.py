@@ -66,10 +66,6 @@ class KLCase:
         return out
 
 
-def _build(name: str, p: ReferenceModel, q: ReferenceModel, description: str) -> KLCase:
-    return KLCase(name, p, q, ratio_moments(p, q), description)
-
-
 def _gauss_pair_100d() -> tuple[Gaussian, Gaussian]:
     g = torch.Generator().manual_seed(100)
     d = 100
@@ -91,49 +87,43 @@ def _vocab_pair(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return policy, ref
 
 
+def _categorical_pair(vocab: int, top_k: int | None = None) -> tuple[Categorical, Categorical]:
+    """The (policy, reference) pair of :func:`_vocab_pair` seeded by ``vocab``; the policy optionally
+    truncated to its top-k tokens (sampling with top-k against an untruncated reference)."""
+    policy, ref = _vocab_pair(vocab, vocab)
+    return Categorical(policy if top_k is None else top_k_logits(policy, top_k)), Categorical(ref)
+
+
 _BIMODAL = dict(weights=[0.5, 0.5], locs=[-2.0, 2.0], scales=[0.5, 0.5])
 _BIMODAL_FIT_SCALE = math.sqrt(4.25)  # moment-matched Gaussian: variance 2² + 0.5²
 
-KL_CASES: dict[str, Callable[[], KLCase]] = {
-    "gauss-shift-0.1": lambda: _build(
-        "gauss-shift-0.1", Gaussian(0.0, 1.0), Gaussian(0.1, 1.0),
+#: name -> (a function building the pair (p, q), description). Built lazily by get_case.
+KL_CASES: dict[str, tuple[Callable[[], tuple[ReferenceModel, ReferenceModel]], str]] = {
+    "gauss-shift-0.1": (lambda: (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
         "Schulman's first case: N(0,1) ‖ N(0.1,1), KL = 0.005"),
-    "gauss-shift-1": lambda: _build(
-        "gauss-shift-1", Gaussian(0.0, 1.0), Gaussian(1.0, 1.0),
+    "gauss-shift-1": (lambda: (Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)),
         "Schulman's second case: N(0,1) ‖ N(1,1), KL = 0.5"),
-    "near-identical": lambda: _build(
-        "near-identical", Gaussian(0.0, 1.0), Gaussian(math.sqrt(2e-4), 1.0),
+    "near-identical": (lambda: (Gaussian(0.0, 1.0), Gaussian(math.sqrt(2e-4), 1.0)),
         "N(0,1) ‖ N(0.01414,1), KL = 1e-4: k1 is almost all noise"),
-    "gauss-var-wide-q": lambda: _build(
-        "gauss-var-wide-q", Gaussian(0.0, 1.0), Gaussian(0.0, 2.0),
+    "gauss-var-wide-q": (lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 2.0)),
         "variance mismatch, q wider: N(0,1) ‖ N(0,2²); E_p[r²] = ∞"),
-    "gauss-var-narrow-q": lambda: _build(
-        "gauss-var-narrow-q", Gaussian(0.0, 2.0), Gaussian(0.0, 1.0),
+    "gauss-var-narrow-q": (lambda: (Gaussian(0.0, 2.0), Gaussian(0.0, 1.0)),
         "variance mismatch, q narrower: N(0,2²) ‖ N(0,1)"),
-    "gauss-100d-fullcov": lambda: _build(
-        "gauss-100d-fullcov", *_gauss_pair_100d(),
+    "gauss-100d-fullcov": (_gauss_pair_100d,
         "100-dimensional full-covariance pair; log-densities near −150, like sequence log-probs"),
-    "bimodal-vs-gauss": lambda: _build(
-        "bimodal-vs-gauss", GaussianMixture(**_BIMODAL), Gaussian(0.0, _BIMODAL_FIT_SCALE),
+    "bimodal-vs-gauss": (lambda: (GaussianMixture(**_BIMODAL), Gaussian(0.0, _BIMODAL_FIT_SCALE)),
         "bimodal mixture ‖ its moment-matched Gaussian (the mode-covering, forward-KL fit)"),
-    "gauss-vs-bimodal": lambda: _build(
-        "gauss-vs-bimodal", Gaussian(0.0, _BIMODAL_FIT_SCALE), GaussianMixture(**_BIMODAL),
+    "gauss-vs-bimodal": (lambda: (Gaussian(0.0, _BIMODAL_FIT_SCALE), GaussianMixture(**_BIMODAL)),
         "the moment-matched Gaussian ‖ the bimodal mixture (the other direction)"),
-    "uniform-support": lambda: _build(
-        "uniform-support", Uniform(0.0, 1.0), Uniform(0.0, 2.0),
+    "uniform-support": (lambda: (Uniform(0.0, 1.0), Uniform(0.0, 2.0)),
         "U(0,1) ‖ U(0,2), KL = log 2; q has mass outside p's support (the reverse direction is ∞)"),
-    "vocab-50k": lambda: _build(
-        "vocab-50k", *(Categorical(t) for t in _vocab_pair(50257, 50257)),
+    "vocab-50k": (lambda: _categorical_pair(50257),
         "next-token policy ‖ reference over a GPT-2-sized vocabulary (50,257), Zipf-like logits"),
-    "vocab-200k": lambda: _build(
-        "vocab-200k", *(Categorical(t) for t in _vocab_pair(200_000, 200_000)),
+    "vocab-200k": (lambda: _categorical_pair(200_000),
         "next-token policy ‖ reference over a 200,000-token vocabulary, Zipf-like logits"),
-    "vocab-50k-top-k": lambda: _build(
-        "vocab-50k-top-k", *(Categorical(t) for t in (top_k_logits(_vocab_pair(50257, 50257)[0], 50),
-                                                       _vocab_pair(50257, 50257)[1])),
+    "vocab-50k-top-k": (lambda: _categorical_pair(50257, top_k=50),
         "top-k (k = 50) truncated policy ‖ untruncated reference: q has mass outside p's support"),
-    "heavy-ratio": lambda: _build(
-        "heavy-ratio", Gaussian(0.0, 1.0), Gaussian(0.0, 0.3),
+    "heavy-ratio": (lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 0.3)),
         "N(0,1) ‖ N(0,0.3²): |log q/p| > 20 with probability ≈ 4%, where production clamps bite"),
 }
 
@@ -147,4 +137,6 @@ def get_case(name: str) -> KLCase:
     """The named case (built once, then cached)."""
     if name not in KL_CASES:
         raise ValueError(f"unknown case {name!r}; known cases: {', '.join(KL_CASES)}")
-    return KL_CASES[name]()
+    build, description = KL_CASES[name]
+    p, q = build()
+    return KLCase(name, p, q, ratio_moments(p, q), description)
