@@ -184,3 +184,125 @@ def _good(shape=(2, 5)):
 def test_bad_input_raises_value_error_naming_the_argument(logits_p, logits_q, kwargs, match):
     with pytest.raises(ValueError, match=match):
         token_kl(logits_p, logits_q, **kwargs)
+
+
+# --- the one-pass algorithm: its fast path (fixed references), its careful path (running maxima, -inf masking),
+# --- row blocks, views, and the gradient
+
+
+def masked_reference_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """reference_kl in float64 with the -inf semantics of token_kl: p_v = 0 terms are 0, q_v = 0 < p_v gives +inf."""
+    lp = F.log_softmax(logits_p.double(), dim=-1)
+    lq = F.log_softmax(logits_q.double(), dim=-1)
+    return torch.where(lp == -math.inf, 0.0, lp.exp() * (lp - lq)).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logits_far_above_the_first_chunk_fall_back_to_running_maxima(dtype):
+    # the fast path's references are the first chunk's maxima: a later logit far above them overflows exp
+    # (by > 88 in float32, > 709 in float64), so those rows are redone with running maxima; row 0 rises slowly,
+    # row 1 jumps, row 2 falls
+    g = torch.Generator().manual_seed(21)
+    logits_p = torch.randn(3, 1000, generator=g, dtype=torch.float64)
+    logits_q = torch.randn(3, 1000, generator=g, dtype=torch.float64)
+    logits_p[0] += torch.linspace(0, 300, 1000, dtype=torch.float64)
+    logits_q[0] += torch.linspace(0, 250, 1000, dtype=torch.float64)
+    logits_p[1, 700:] += 1000
+    logits_q[1, 900:] += 800
+    logits_p[2, 100:] -= 200
+    logits_p, logits_q = logits_p.to(dtype), logits_q.to(dtype)
+    got = token_kl(logits_p, logits_q, chunk_size=64)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), reference_kl(logits_p, logits_q), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_row_blocks_mixing_fast_and_masked_rows(monkeypatch, dtype):
+    # small tiles: 10 rows in blocks of 2; -inf logits in some blocks only (first chunk, last chunk, all but one
+    # token, both masked alike), a row whose first chunk is all -inf, and a support mismatch
+    import estimators.vocab as vocab
+    monkeypatch.setattr(vocab, "_TILE", 64)
+    g = torch.Generator().manual_seed(22)
+    logits_p = 3 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    logits_q = 3 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    logits_p[2, :5] = -math.inf                  # p_v = 0 in the first chunk
+    logits_q[3, 90:] = -math.inf                 # q_v = 0 < p_v in the last chunk: +inf
+    logits_p[4, :99] = -math.inf                 # p is a point mass on the last token
+    logits_p[5, 40:] = logits_q[5, 40:] = -math.inf
+    logits_p[6, :32] = logits_q[6, :32] = -math.inf   # the whole first chunk is -inf in both
+    logits_p[7, 10] = logits_q[7, 10] = -math.inf
+    logits_p, logits_q = logits_p.to(dtype), logits_q.to(dtype)
+    got = token_kl(logits_p, logits_q, chunk_size=32)
+    expected = masked_reference_kl(logits_p, logits_q)
+    assert got[3] == math.inf and torch.isfinite(got[torch.arange(10) != 3]).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+    # the same rows, one block at a time or all at once, and through the default tile: same numbers
+    monkeypatch.setattr(vocab, "_TILE", 1 << 19)
+    torch.testing.assert_close(token_kl(logits_p, logits_q, chunk_size=32), got, rtol=tol, atol=tol)
+
+
+def test_errors_name_logits_p_first_across_row_blocks(monkeypatch):
+    # as when everything was validated up front: logits_p's problems are reported before logits_q's,
+    # even when logits_q's lie in an earlier block of rows
+    import estimators.vocab as vocab
+    monkeypatch.setattr(vocab, "_TILE", 8)
+    logits_p, logits_q = torch.zeros(6, 8), torch.zeros(6, 8)
+    logits_q[0, 3] = math.nan
+    logits_p[5] = -math.inf
+    with pytest.raises(ValueError, match="logits_p has a row whose logits are all -inf"):
+        token_kl(logits_p, logits_q, chunk_size=4)
+    logits_p[5] = 0.0
+    with pytest.raises(ValueError, match="logits_q contains NaN"):
+        token_kl(logits_p, logits_q, chunk_size=4)
+
+
+def test_views_are_not_copied_and_give_the_same_result():
+    g = torch.Generator().manual_seed(23)
+    base_p = torch.randn(4, 3, 500, generator=g)
+    base_q = torch.randn(4, 3, 500, generator=g)
+    expected = token_kl(base_p.transpose(0, 1).contiguous(), base_q.transpose(0, 1).contiguous(), chunk_size=128)
+    # leading dimensions that cannot be flattened into a view, and a vocabulary with stride 2
+    got = token_kl(base_p.transpose(0, 1), base_q.transpose(0, 1), chunk_size=128)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    wide_p = torch.stack([base_p, base_p], dim=-1).flatten(-2)[..., ::2]
+    wide_q = torch.stack([base_q, base_q], dim=-1).flatten(-2)[..., ::2]
+    torch.testing.assert_close(token_kl(wide_p, wide_q, chunk_size=128), token_kl(base_p, base_q, chunk_size=128))
+
+
+def test_small_kl_with_large_logits_keeps_absolute_accuracy():
+    # KL ~ 1e-3 between logits of magnitude ~40 that differ by a large constant: E_p[a - b] and lse(a) - lse(b)
+    # are ~30 each, but the shifted sums keep the float32 result within ~1e-6 of the float64 KL of the same logits
+    g = torch.Generator().manual_seed(24)
+    logits_p = (zipf_logits(4, 50_000, g) - 30).float()
+    logits_q = (logits_p.double() + 0.05 * torch.randn(4, 50_000, generator=g, dtype=torch.float64) + 30).float()
+    expected = reference_kl(logits_p, logits_q)
+    assert torch.all(expected < 3e-3)
+    torch.testing.assert_close(token_kl(logits_p, logits_q).double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(token_kl(logits_p.bfloat16(), logits_q.bfloat16()).double(),
+                               reference_kl(logits_p.bfloat16(), logits_q.bfloat16()), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gradient_matches_autograd_of_the_reference(dtype):
+    g = torch.Generator().manual_seed(25)
+    logits_p = 2 * torch.randn(3, 2, 300, generator=g, dtype=torch.float64)
+    logits_q = 2 * torch.randn(3, 2, 300, generator=g, dtype=torch.float64)
+    logits_p[0, 1, :250] = -math.inf             # top-k-like truncation: no gradient on the masked tokens
+    weights = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    a = logits_p.to(dtype).requires_grad_()
+    b = logits_q.to(dtype).requires_grad_()
+    (token_kl(a, b, chunk_size=64) * weights.to(a.dtype if dtype == torch.float64 else torch.float32)).sum().backward()
+    # the float64 reference, with -inf as -1e4 (p_v = exp(-1e4) is exactly 0) so that its autograd has no NaN
+    a64 = a.detach().double().nan_to_num(neginf=-1e4).requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    (reference_kl(a64, b64) * weights).sum().backward()
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    assert torch.all(a.grad[0, 1, :250] == 0)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x, y: token_kl(x, y, chunk_size=7),
+                                        (logits_p[1:, :, :20].clone().requires_grad_(),
+                                         logits_q[1:, :, :20].clone().requires_grad_()))
