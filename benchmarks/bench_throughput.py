@@ -9,7 +9,7 @@ from estimators import kl
 from estimators.vocab import token_kl
 from reports.study import StudyConfig, run_study
 
-from .floors import best_of, read_floor, require_device, sample_floor
+from reports.throughput import best_of, read_floor, require_device, sample_floor
 
 #: ESTBENCH_ASV_SMOKE=1 (CI's dry run) keeps the small sizes only, so that a broken benchmark fails fast.
 SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"

@@ -9,9 +9,9 @@ import pandas as pd
 
 from reference_models import get_case
 
-from . import experiments, figures
-from .catalog import ESTIMATORS
-from .study import COLUMNS
+from . import experiments, figures, throughput
+from .catalog import ESTIMATORS, get_estimator
+from .study import COLUMNS, chunk_seed, draw_log_probs
 
 __all__ = ["write_report"]
 
@@ -158,6 +158,19 @@ def _seed_experiments(fig_dir: Path, first_number: int) -> str:
 <div class="table-wrap">{_table(entropy["code_lengths"], "codes left")}</div></section>"""
 
 
+def _throughput(estimators: list[str], seed: int) -> str:
+    """Time per estimator on 10⁶ float32 log-prob pairs, and the vocabulary KL, each against its floor."""
+    lp, lq = draw_log_probs(get_case("gauss-shift-1"), 10 ** 6, chunk_seed(seed, "throughput"))
+    est = throughput.estimator_throughput([(e, get_estimator(e).fn) for e in estimators], lp.float(), lq.float())
+    vocab = throughput.vocab_throughput()
+    return f"""<section id="throughput"><h2>Throughput on this machine</h2>
+<p>Best of three runs, timed in this process. The floor of an estimator is one exp and one log pass over as
+many elements; the floor of the exact vocabulary KL is one read of both logit tensors. Ratios to the floor
+do not depend on the machine; asv tracks them over commits.</p>
+<div class="table-wrap">{_table(est, "speed left")}</div>
+<div class="table-wrap">{_table(vocab, "vocab left")}</div></section>"""
+
+
 def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str], seed: int = 0) -> Path:
     """Write ``out_dir/index.html`` and its figures ``out_dir/figures/*.png`` for a study frame of
     :func:`reports.study.run_study`; ``meta`` (name -> text) is printed as provenance, ``seed`` seeds the
@@ -205,6 +218,7 @@ def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str],
                 "estimators)"]
 
     seeds = _seed_experiments(fig_dir, first_number=len(blocks) + 1)
+    speed = _throughput(order, seed)
     replicates = ", ".join(map(str, sorted(frame["replicates"].unique())))
     scope = (f"{len(cases)} cases × {len(order)} estimators × n ∈ "
              f"{{{', '.join(map(str, sorted(frame['n'].unique())))}}}, {replicates} replicates per cell.")
@@ -230,6 +244,7 @@ sort.</p>
 {"".join(blocks)}
 <p class="waiting">Waiting for data: {esc("; ".join(waiting))}.</p></section>
 {seeds}
+{speed}
 <section id="study"><h2>Study table</h2>
 <div class="table-wrap">{_table(frame[TABLE_COLUMNS], "study")}</div></section>
 <section id="truths"><h2>Cases and how each truth was obtained</h2>
