@@ -28,21 +28,14 @@ from scipy import optimize, stats  # noqa: E402
 
 from reference_models import Gaussian, GaussianMixture, exact_kl  # noqa: E402
 
+from .figures import save  # noqa: E402
+
 __all__ = ["default_bimodal", "fit_gaussian_to_bimodal", "plot_bimodal_fits", "autoregressive_hypothesis_spaces",
            "plot_hypothesis_spaces", "entropy_table", "code_length_table", "run_all", "FORWARD_LABEL",
            "REVERSE_LABEL"]
 
-DPI = 110
 FORWARD_LABEL = "forward KL(p‖q): mode covering"
 REVERSE_LABEL = "reverse KL(q‖p): mode seeking"
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 # --- 1. forward vs reverse KL: one Gaussian fitted to a bimodal mixture -----------------------------------
@@ -136,7 +129,7 @@ def plot_bimodal_fits(result: dict, path) -> Path:
                title="One Gaussian fitted to a bimodal p by minimising each direction of KL")
         ax.set_ylim(bottom=0)
         ax.legend(loc="upper left", fontsize=8, frameon=True)
-        return _save(fig, path)
+        return save(fig, path)
 
 
 # --- 2. autoregressive models: the order fixes the hypothesis space -----------------------------------------
@@ -207,7 +200,7 @@ def plot_hypothesis_spaces(result: dict, path, subsample: int = 2000) -> Path:
                   title=f"Joint samples (z1, z2), {len(idx):,} shown")
         right.legend(loc="upper left", fontsize=8, markerscale=2, frameon=True)
         fig.tight_layout()
-        return _save(fig, path)
+        return save(fig, path)
 
 
 # --- 3. entropy, cross-entropy and KL in bits -----------------------------------------------------------------

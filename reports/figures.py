@@ -26,9 +26,13 @@ def _wrap(frame: pd.DataFrame) -> int:
     return min(4, frame["case"].nunique())
 
 
-def _save(fig, path: Path) -> None:
+def save(fig, path) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (creating its folder), close it, and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    return path
 
 
 def rsd_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> list[str]:
@@ -42,7 +46,7 @@ def rsd_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> list[str]:
         ax.yaxis.set_major_formatter(LogFormatter())
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     g.set_titles("{col_name}")
-    _save(g.figure, path)
+    save(g.figure, path)
     left_out = frame[~drawable].groupby("case", sort=False)
     return [f"{case}: {', '.join(g['estimator'].unique())}" for case, g in left_out]
 
@@ -67,7 +71,7 @@ def bias_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> None:
     g.set_titles("{col_name}")
     g.set_axis_labels("n", "relative bias")
     g.add_legend()
-    _save(g.figure, path)
+    save(g.figure, path)
 
 
 def per_sample_distribution(case_name: str, estimators: list[str], seed: int, path: Path,
@@ -88,7 +92,7 @@ def per_sample_distribution(case_name: str, estimators: list[str], seed: int, pa
         ax.axvline(0, color="0.5", lw=0.8)
     g.set_titles("{row_name}")
     g.figure.suptitle(f"{case_name}: one-sample estimates (dashed: the exact KL = {case.truth.value:.4g})", y=1.02)
-    _save(g.figure, path)
+    save(g.figure, path)
     return negative
 
 
@@ -108,7 +112,7 @@ def variance_ratio(frame: pd.DataFrame, estimator: str, references: list[str], p
         label.set_horizontalalignment("right")
     ax.set_title(f"variance of {estimator} relative to {', '.join(references)} (n = {frame['n'].max()}); "
                  "below 1 it helps")
-    _save(fig, path)
+    save(fig, path)
     return ratios
 
 
@@ -122,5 +126,5 @@ def clamp_bias(frame: pd.DataFrame, case_name: str, estimators: list[str], path:
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("relative bias")
     ax.set_title(f"{case_name} (KL = {rows['truth'].iloc[0]:.4g}), n = {rows['n'].iloc[0]}")
-    _save(fig, path)
+    save(fig, path)
     return rows[["estimator", "rel_bias", "bias_se"]]

@@ -101,13 +101,18 @@ def _run_cell(case: KLCase, spec: EstimatorSpec, n: int, replicates: int, seed: 
         nonfinite=nonfinite, breaks="; ".join(breaks))
 
 
-def _cell_file(cache_dir: Path, case: str, estimator: str, n: int, replicates: int, seed: int) -> Path:
+def _release() -> str:
+    """The installed estbench version, part of the cache key so that a new release recomputes."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        release = version("estbench")
+        return version("estbench")
     except PackageNotFoundError:
-        release = "unknown"
+        return "unknown"
+
+
+def _cell_file(cache_dir: Path, release: str, case: str, estimator: str, n: int, replicates: int,
+               seed: int) -> Path:
     key = chunk_seed(release, case, estimator, n, replicates, seed)
     return cache_dir / f"{case}__{estimator}__n{n}__r{replicates}__s{seed}__{key:016x}.json"
 
@@ -137,7 +142,8 @@ def run_study(config: StudyConfig, progress: bool = True, cache_dir: str | Path 
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    files = [_cell_file(cache, case.name, spec.name, n, config.replicates, config.seed) if cache else None
+    release = _release() if cache else None
+    files = [_cell_file(cache, release, case.name, spec.name, n, config.replicates, config.seed) if cache else None
              for case, spec, n in cells]
     todo = [cell for cell, f in zip(cells, files) if f is None or not f.exists()]
     total = sum(len(_chunks(case, n, config.replicates)) for case, _, n in todo)
