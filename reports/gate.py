@@ -134,14 +134,33 @@ def run_gate(entries: list[GateEntry], cases: list[str] | None = None, config: G
         while live:
             lp, lq = draw_log_probs(case, size, chunk_seed(config.seed, "gate", case.name, i))
             lp, lq = lp.to(config.dtype), lq.to(config.dtype)
+            shared = _ChunkTerms.of(lp, lq)  # the same for every estimator: computed once per chunk
             for cell in live:
-                cell.add(lp, lq, pilot=(i == 0), config=config)
+                cell.add(lp, lq, shared, pilot=(i == 0))
                 if i == 0 and cell.open:
                     cell.plan(z_crit, z_power, config, size, max_chunks)
             i += 1
             live = [cell for cell in live if cell.open and cell.chunks > i]
         rows += [cell.row(z_crit, z_power, config) for cell in cells[case.name]]
     return GateResult(pd.DataFrame(rows), config)
+
+
+@dataclass(frozen=True)
+class _ChunkTerms:
+    """What every estimator's statistics need from one chunk of log-probs, in float64."""
+
+    log_r: torch.Tensor
+    cv: torch.Tensor  # r − 1
+    cv_sum: float
+    cv_sq_sum: float
+    abs_logp_sum: float  # Σ |log p| + |log q|, for the rounding tolerance
+
+    @classmethod
+    def of(cls, lp: torch.Tensor, lq: torch.Tensor) -> "_ChunkTerms":
+        lp, lq = lp.double(), lq.double()
+        log_r = lq - lp
+        cv = torch.expm1(log_r)
+        return cls(log_r, cv, float(cv.sum()), float((cv * cv).sum()), float((lp.abs() + lq.abs()).sum()))
 
 
 @dataclass
@@ -166,7 +185,7 @@ class _Cell:
     def open(self) -> bool:
         return self.verdict is None
 
-    def add(self, lp, lq, pilot: bool, config: GateConfig) -> None:
+    def add(self, lp, lq, shared: "_ChunkTerms", pilot: bool) -> None:
         try:
             out = self.entry.fn(lp, lq)
         except Exception as err:  # a user's estimator may raise anything: that is a finding, not a crash
@@ -181,11 +200,10 @@ class _Cell:
         if bad:
             self.verdict, self.reason = CAUGHT, f"{bad} non-finite estimates out of {v.numel()}"
             return
-        log_r = lq.double() - lp.double()
-        d, cv = v + log_r, torch.expm1(log_r)  # what the estimate adds to k1; the control variate r − 1
+        d, cv = v + shared.log_r, shared.cv  # what the estimate adds to k1; the control variate r − 1
         for key, value in (("n", float(v.numel())), ("v", v.sum()), ("vv", (v * v).sum()), ("d", d.sum()),
-                           ("dd", (d * d).sum()), ("c", cv.sum()), ("cc", (cv * cv).sum()), ("dc", (d * cv).sum()),
-                           ("abs_logp", (lp.double().abs() + lq.double().abs()).sum())):
+                           ("dd", (d * d).sum()), ("c", shared.cv_sum), ("cc", shared.cv_sq_sum),
+                           ("dc", (d * cv).sum()), ("abs_logp", shared.abs_logp_sum)):
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
         if pilot and not self.case.finite_support:  # on a finite support every finite estimate has finite variance
             self.khat = pareto_khat(v, tail="both")
