@@ -39,7 +39,6 @@ def test_gate_catches_a_planted_bug_with_a_table():
     (["gate", "--kl", "estimators.kl:no_such_function"], "has no attribute"),
     (["gate", "--kl", "estimators.kl"], "MODULE:FUNCTION"),
     (["gate", "--kl", "estimators.kl:k3", "--cases", "nope"], "unknown case"),
-    (["gate", "--marginal", "estimators.kl:k3"], "not available yet"),
     (["report", "--estimators", "nope"], "unknown estimator"),
     (["report", "--replicates", "1"], "replicates"),
 ])
