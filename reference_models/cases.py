@@ -55,6 +55,11 @@ class KLCase:
         return isinstance(self.p, Categorical)
 
     @property
+    def event_numel(self) -> int:
+        """Elements per sample (what a study's or the gate's chunk budget counts)."""
+        return max(1, math.prod(self.p.event_shape))
+
+    @property
     def breaks(self) -> dict[str, str]:
         """Broken estimator assumptions, each with the reason."""
         out = {}

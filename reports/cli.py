@@ -1,4 +1,4 @@
-"""The ``estbench`` command line: ``cases``, ``report`` and ``gate``."""
+"""The ``estbench`` command line: ``cases``, ``report``, ``gate`` and ``train``."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +12,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from reference_models import case_names, get_case
+from reference_models.sequence_cases import sequence_case_names
 
 from .catalog import ESTIMATORS
-from .study import StudyConfig, run_study
+from .study import StudyConfig, any_case, run_study
 
 EXIT_OK, EXIT_CAUGHT, EXIT_USAGE = 0, 1, 2
 
 DEFAULT_NS = (10, 100, 1000)
 QUICK_NS = (10, 100)
+SEQUENCE_REPLICATES = 20  # × --replicates: the sequence study's replicates of one sequence each (n = 1)
+MARGINAL_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+QUICK_MARGINAL_KS = (1, 4, 16, 64)
+MARGINAL_CASES = ("lognormal-0.5", "lognormal-1", "lg-posterior-1.2", "mixture-prior", "bayesnet-prior")
 
 
 class UsageError(Exception):
@@ -44,17 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="estbench", description=__doc__)
     sub = parser.add_subparsers(dest="command")
 
-    cases = sub.add_parser("cases", help="list the named KL cases with their exact truth")
+    cases = sub.add_parser("cases", help="list the named KL, sequence and marginal cases with their exact truth")
     cases.set_defaults(func=_cases)
 
     report = sub.add_parser("report", help="run a study and write an HTML bias/variance report")
     report.add_argument("--out", default="estbench-report", help="output directory (default: %(default)s)")
-    report.add_argument("--cases", nargs="+", metavar="CASE", help="cases to run (default: all)")
+    report.add_argument("--cases", nargs="+", metavar="CASE",
+                        help="KL and sequence cases to run (default: all); sequence cases run with n = 1 and "
+                             f"{SEQUENCE_REPLICATES}× the replicates")
+    report.add_argument("--marginal-cases", nargs="+", metavar="CASE",
+                        help=f"marginal-likelihood cases for the bias-vs-K study (default: {' '.join(MARGINAL_CASES)})")
     report.add_argument("--estimators", nargs="+", metavar="NAME", help="estimators (default: all built-ins)")
     report.add_argument("--n", nargs="+", type=int, metavar="N", help=f"samples per estimate (default: {DEFAULT_NS})")
     report.add_argument("--replicates", type=int, default=None, help="replicates per cell (default: 1000)")
     report.add_argument("--seed", type=int, default=0)
-    report.add_argument("--quick", action="store_true", help=f"smoke run: n in {QUICK_NS}, 100 replicates")
+    report.add_argument("--quick", action="store_true",
+                        help=f"smoke run: n in {QUICK_NS}, 100 replicates, K in {QUICK_MARGINAL_KS}")
     report.add_argument("--no-resume", action="store_true",
                         help="recompute every cell instead of reusing the finished ones in DIR/cells")
     report.set_defaults(func=_report)
@@ -72,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--max-budget", type=int, default=2 ** 26,
                       help="cap on samples x event size per case (%(default)s)")
     gate.set_defaults(func=_gate)
+
+    train = sub.add_parser("train", help="retrain the reference checkpoints from their seeded recipes")
+    train.add_argument("names", nargs="*", metavar="RECIPE", help="recipes to train (default: all)")
+    train.add_argument("--out", default=None,
+                       help="directory for the checkpoints (default: the package's own, replacing them)")
+    train.set_defaults(func=_train)
     return parser
 
 
@@ -83,25 +99,56 @@ def _check_names(names, known, what) -> tuple[str, ...]:
 
 
 def _cases(args) -> int:
-    for name in case_names():
-        case = get_case(name)
+    from reference_models.marginal_cases import get_marginal_case, marginal_case_names
+
+    print("KL cases (x ~ p, KL(p‖q)) and sequence cases (x ~ p a whole sequence, per-token estimates summed):")
+    for name in case_names() + sequence_case_names():
+        case = any_case(name)
         broken = f"  [breaks: {', '.join(case.breaks)}]" if case.breaks else ""
-        print(f"{name:20s} KL = {case.truth.value:<12.6g} {case.truth.describe()}{broken}")
-        print(f"{'':20s} {case.description}")
+        print(f"{name:28s} KL = {case.truth.value:<12.6g} {case.truth.describe()}{broken}")
+        print(f"{'':28s} {case.description}")
+    print("\nmarginal-likelihood cases (log importance weights, exact log p(x)):")
+    for name in marginal_case_names():
+        case = get_marginal_case(name)
+        print(f"{name:28s} log p(x) = {case.log_marginal.value:<10.6g} {case.log_marginal.describe()}")
+        print(f"{'':28s} {case.description}")
+    return EXIT_OK
+
+
+def _train(args) -> int:
+    from reference_models.train import CHECKPOINT_DIR, RECIPES, train_all
+
+    names = list(_check_names(args.names, list(RECIPES), "recipe")) if args.names else None
+    out = Path(args.out) if args.out else CHECKPOINT_DIR
+    train_all(names, out, progress=True)
+    print(f"checkpoints written to {out.resolve()}")
     return EXIT_OK
 
 
 def _report(args) -> int:
-    from .html import write_report  # seaborn/matplotlib only load for the report
+    from reference_models.marginal_cases import marginal_case_names
 
-    cases = _check_names(args.cases or case_names(), case_names(), "case")
+    from .html import write_report  # seaborn/matplotlib only load for the report
+    from .marginal_study import run_marginal_study
+
+    known = case_names() + sequence_case_names()
+    cases = _check_names(args.cases or known, known, "case")
     estimators = _check_names(args.estimators or list(ESTIMATORS), list(ESTIMATORS), "estimator")
+    marginal = _check_names(args.marginal_cases or MARGINAL_CASES, marginal_case_names(), "marginal case")
     ns = tuple(args.n or (QUICK_NS if args.quick else DEFAULT_NS))
     replicates = args.replicates or (100 if args.quick else 1000)
+    kl_cases = tuple(c for c in cases if c in case_names())
+    seq_cases = tuple(c for c in cases if c not in kl_cases)
+    kl_est = tuple(e for e in estimators if ESTIMATORS[e].form == "token")
+    seq_est = tuple(e for e in estimators if not ESTIMATORS[e].couples_samples and ESTIMATORS[e].target == "kl")
     try:
-        config = StudyConfig(cases, estimators, ns, replicates, args.seed)
+        config = StudyConfig(kl_cases, kl_est, ns, replicates, args.seed) if kl_cases else None
+        seq_config = (StudyConfig(seq_cases, seq_est, (1,), SEQUENCE_REPLICATES * replicates, args.seed)
+                      if seq_cases and seq_est else None)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    if config is None:
+        raise UsageError("the report needs at least one KL case (see `estbench cases`)")
     start = time.perf_counter()
     out = Path(args.out)
     cells = out / "cells"
@@ -109,8 +156,17 @@ def _report(args) -> int:
         for f in cells.glob("*.json"):
             f.unlink()
     frame = run_study(config, progress=True, cache_dir=cells)
+    seq_frame = run_study(seq_config, progress=True, cache_dir=cells) if seq_config else None
+    marginal_frame = run_marginal_study(marginal, ["log_mean_exp", "jackknife1", "jackknife2"],
+                                        QUICK_MARGINAL_KS if args.quick else MARGINAL_KS, replicates=2 * replicates,
+                                        seed=args.seed, progress=True)
     meta = _provenance(args, config, time.perf_counter() - start)
-    path = write_report(frame, out, meta, seed=config.seed)
+    if seq_config:
+        meta["sequence study"] = (f"{len(seq_config.cases)} cases × {len(seq_config.estimators)} estimators, "
+                                  f"n = 1, {seq_config.replicates} replicates")
+    meta["marginal study"] = (f"{len(marginal)} cases, K ∈ {{{', '.join(map(str, marginal_frame['K'].unique()))}}}, "
+                              f"{2 * replicates} replicates")
+    path = write_report(frame, out, meta, seed=config.seed, sequence_frame=seq_frame, marginal_frame=marginal_frame)
     print(f"report written to {path.resolve()}")
     return EXIT_OK
 
@@ -161,7 +217,8 @@ def _gate(args) -> int:
     if args.marginal:
         return _gate_marginal(args)
     fn = load_function(args.kl)
-    cases = _check_names(args.cases or case_names(), case_names(), "case")
+    known = case_names() + sequence_case_names()
+    cases = _check_names(args.cases or known, known, "case")
     try:
         config = GateConfig(seed=args.seed, alpha=args.alpha, rel_bias=args.rel_bias,
                             chunk=min(GateConfig.chunk, args.max_budget), max_budget=args.max_budget)

@@ -128,3 +128,74 @@ def clamp_bias(frame: pd.DataFrame, case_name: str, estimators: list[str], path:
     ax.set_title(f"{case_name} (KL = {rows['truth'].iloc[0]:.4g}), n = {rows['n'].iloc[0]}")
     save(fig, path)
     return rows[["estimator", "rel_bias", "bias_se"]]
+
+
+def marginal_bias_vs_k(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """K × bias of log-of-mean and the jackknifes vs K, one panel per case, with the delta-method theory to
+    first order (−μ₂/2, flat) and second order; the measured bias uses the control variate Â/p(x) − 1
+    (``bias_cv``), ±2 SE. Returns the measured/theory ratios of log-of-mean."""
+    data = frame[frame["estimator"].isin(["log_mean_exp", "jackknife1", "jackknife2"])].copy()
+    data["K·bias"] = data["K"] * data["bias_cv"]
+    data["K·2se"] = 2 * data["K"] * data["bias_cv_se"]
+    cases = list(data["case"].unique())
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.6 * len(cases), 3.2), squeeze=False)
+    palette = dict(zip(["log_mean_exp", "jackknife1", "jackknife2"], sns.color_palette()))
+    for ax, case in zip(axes[0], cases):
+        rows = data[data["case"] == case]
+        for name, g in rows.groupby("estimator", sort=False):
+            ax.errorbar(g["K"], g["K·bias"], yerr=g["K·2se"], fmt="o-", ms=3, lw=1, capsize=2,
+                        color=palette[name], label=name)
+        lme = rows[rows["estimator"] == "log_mean_exp"].sort_values("K")
+        if lme["theory_first"].notna().any():
+            ax.plot(lme["K"], lme["K"] * lme["theory_first"], "k--", lw=1, label="theory, 1st order")
+            ax.plot(lme["K"], lme["K"] * lme["theory_second"], "k:", lw=1.2, label="theory, 2nd order")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_title(case, fontsize=9)
+        ax.set_xlabel("K")
+    axes[0][0].set_ylabel("K × (E[estimate] − log p(x))")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    save(fig, path)
+    lme = data[(data["estimator"] == "log_mean_exp") & data["theory_second"].notna()]
+    out = lme[["case", "K", "bias_cv", "bias_cv_se", "theory_first", "theory_second"]].copy()
+    out["measured / theory"] = out["bias_cv"] / out["theory_second"]
+    return out.reset_index(drop=True)
+
+
+def sequence_variances(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Per-sequence variance of each estimator on each sequence case (log axis), measured by the study
+    (bars) with the exact variance by enumeration (black ticks) where the case has it."""
+    from reference_models.sequence_cases import get_sequence_case
+
+    data = frame[frame["n"] == frame["n"].min()].copy()
+    data["exact var"] = [get_sequence_case(c).variances.get(e).value if e in get_sequence_case(c).variances
+                         else np.nan for c, e in zip(data["case"], data["estimator"])]
+    order = list(data["estimator"].unique())
+    cases = list(data["case"].unique())
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases) * len(order) / 3), 3.8))
+    sns.barplot(data=data, x="case", y="var", hue="estimator", hue_order=order, order=cases, ax=ax)
+    width = 0.8 / len(order)
+    for i, case in enumerate(cases):
+        for j, est in enumerate(order):
+            exact = data[(data["case"] == case) & (data["estimator"] == est)]["exact var"]
+            if len(exact) and np.isfinite(exact.iloc[0]):
+                x = i - 0.4 + width * (j + 0.5)
+                ax.plot([x - width / 2, x + width / 2], [exact.iloc[0]] * 2, color="k", lw=1.5)
+    ax.set_yscale("log")
+    ax.set_ylabel("variance per sequence")
+    ax.tick_params(axis="x", rotation=30)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    ax.legend(fontsize=7, ncol=len(order))
+    save(fig, path)
+    return data[["case", "estimator", "var", "exact var"]]
+
+
+def loss_curves(metadata: dict[str, dict], path: Path) -> None:
+    """Training loss (NLL in nats per sequence) of every committed checkpoint's recipe."""
+    rows = [{"model": name, "step": s, "loss": v} for name, meta in metadata.items()
+            for s, v in zip(meta["loss_curve"]["step"], meta["loss_curve"]["loss"])]
+    g = sns.relplot(data=pd.DataFrame(rows), x="step", y="loss", col="model", col_wrap=min(4, len(metadata)),
+                    kind="line", height=2.3, aspect=1.3, facet_kws={"sharey": False, "sharex": False})
+    g.set_titles("{col_name}")
+    save(g.figure, path)

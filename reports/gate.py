@@ -37,10 +37,11 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from estimators.diagnostics import pareto_khat
-from reference_models import KLCase, case_names, get_case
+from reference_models import KLCase, case_names
+from reference_models.sequence_cases import SequenceKLCase, SequenceSample, sequence_case_names
 
-from .catalog import ESTIMATORS, EstimatorSpec
-from .study import chunk_seed, draw_log_probs
+from .catalog import ESTIMATORS, EstimateShapeError, EstimatorSpec, per_sample_estimates
+from .study import any_case, chunk_seed, draw
 
 __all__ = ["GateConfig", "GateEntry", "GateResult", "run_gate", "entry_from_spec", "builtin_entries", "HOLDS",
            "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED"]
@@ -78,17 +79,27 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class GateEntry:
-    """An estimator to gate: ``fn(log_p, log_q)`` and its exact expectation on a case (None: not known)."""
+    """An estimator to gate: ``fn(log_p, log_q)`` and its exact expectation on a case (None: not known).
+
+    On a sequence case a per-sample ``fn`` is applied to every token and summed over the mask, as RLHF code
+    applies a KL penalty, and held to the sequence KL; see ``reports.catalog`` for the other forms."""
 
     name: str
     fn: Callable
     expected: Callable[[KLCase], float | None] = lambda case: case.moments.kl.value
     uses_ratio: bool = False  # known to be built on r = q/p (built-ins only; user estimators get k̂)
+    form: str = "token"
+    couples_samples: bool = False
+
+    def applies(self, case: KLCase) -> bool:
+        if isinstance(case, SequenceKLCase):
+            return not self.couples_samples
+        return self.form == "token"
 
 
 def entry_from_spec(spec: EstimatorSpec) -> GateEntry:
     """Gate a built-in estimator against its own exact expectation."""
-    return GateEntry(spec.name, spec.fn, spec.expected, spec.uses_ratio)
+    return GateEntry(spec.name, spec.fn, spec.expected, spec.uses_ratio, spec.form, spec.couples_samples)
 
 
 def builtin_entries(names=None) -> list[GateEntry]:
@@ -117,26 +128,25 @@ class GateResult:
 
 def run_gate(entries: list[GateEntry], cases: list[str] | None = None, config: GateConfig = GateConfig(),
              progress: bool = False) -> GateResult:
-    """Gate every entry on every case (default: all registered KL cases)."""
+    """Gate every entry on every case (default: all registered KL and sequence cases)."""
     if not entries:
         raise ValueError("entries must hold at least one estimator")
-    built = [get_case(c) for c in (cases or case_names())]
-    cells = {c.name: [_Cell(e, c, e.expected(c)) for e in entries] for c in built}
+    built = [any_case(c) for c in (cases or case_names() + sequence_case_names())]
+    cells = {c.name: [_Cell(e, c, e.expected(c) if e.applies(c) else None) for e in entries] for c in built}
     m = sum(cell.testable for row in cells.values() for cell in row)
     z_crit = float(stats.norm.isf(config.alpha / (2 * max(m, 1))))
     z_power = float(stats.norm.isf(1 - config.power))
     rows = []
     for case in tqdm(built, desc="gate", unit="case", disable=not progress):
-        size = max(2 ** 10, config.chunk // max(1, math.prod(case.p.event_shape)))
+        size = max(2 ** 10, config.chunk // case.event_numel)
         max_chunks = max(1, config.max_budget // config.chunk)
         live = [cell for cell in cells[case.name] if cell.testable]
         i = 0
         while live:
-            lp, lq = draw_log_probs(case, size, chunk_seed(config.seed, "gate", case.name, i))
-            lp, lq = lp.to(config.dtype), lq.to(config.dtype)
-            shared = _ChunkTerms.of(lp, lq)  # the same for every estimator: computed once per chunk
+            sample = draw(case, size, chunk_seed(config.seed, "gate", case.name, i), dtype=config.dtype)
+            shared = _ChunkTerms.of(sample)  # the same for every estimator: computed once per chunk
             for cell in live:
-                cell.add(lp, lq, shared, pilot=(i == 0))
+                cell.add(sample, shared, pilot=(i == 0))
                 if i == 0 and cell.open:
                     cell.plan(z_crit, z_power, config, size, max_chunks)
             i += 1
@@ -147,19 +157,25 @@ def run_gate(entries: list[GateEntry], cases: list[str] | None = None, config: G
 
 @dataclass(frozen=True)
 class _ChunkTerms:
-    """What every estimator's statistics need from one chunk of log-probs, in float64."""
+    """What every estimator's statistics need from one chunk of log-probs, in float64, per sample: on a
+    sequence, log r = Σ_t log r_t and the control variate Σ_t (r_t − 1) over the mask."""
 
     log_r: torch.Tensor
     cv: torch.Tensor  # r − 1
     cv_sum: float
     cv_sq_sum: float
-    abs_logp_sum: float  # Σ |log p| + |log q|, for the rounding tolerance
+    abs_logp_sum: float  # Σ |log p| + |log q| per sample, for the rounding tolerance
 
     @classmethod
-    def of(cls, lp: torch.Tensor, lq: torch.Tensor) -> "_ChunkTerms":
-        lp, lq = lp.double(), lq.double()
-        log_r = lq - lp
-        cv = torch.expm1(log_r)
+    def of(cls, sample) -> "_ChunkTerms":
+        if isinstance(sample, SequenceSample):
+            lp, lq, keep = sample.log_p.double(), sample.log_q.double(), sample.mask
+            log_r_t = torch.where(keep, lq - lp, 0.0)
+            log_r, cv = log_r_t.sum(-1), torch.expm1(log_r_t).sum(-1)
+        else:
+            lp, lq = (t.double() for t in sample)
+            log_r = lq - lp
+            cv = torch.expm1(log_r)
         return cls(log_r, cv, float(cv.sum()), float((cv * cv).sum()), float((lp.abs() + lq.abs()).sum()))
 
 
@@ -185,15 +201,14 @@ class _Cell:
     def open(self) -> bool:
         return self.verdict is None
 
-    def add(self, lp, lq, shared: "_ChunkTerms", pilot: bool) -> None:
+    def add(self, sample, shared: "_ChunkTerms", pilot: bool) -> None:
         try:
-            out = self.entry.fn(lp, lq)
+            out = per_sample_estimates(self.entry.fn, self.entry.form, sample)
+        except EstimateShapeError as err:
+            self.verdict, self.reason = CAUGHT, str(err)
+            return
         except Exception as err:  # a user's estimator may raise anything: that is a finding, not a crash
             self.verdict, self.reason = CAUGHT, f"raised {type(err).__name__}: {err}"
-            return
-        if not isinstance(out, torch.Tensor) or out.shape != lp.shape:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            self.verdict, self.reason = CAUGHT, f"returned {shape}, expected per-sample estimates of shape {tuple(lp.shape)}"
             return
         v = out.detach().double()
         bad = int((~torch.isfinite(v)).sum())
@@ -235,6 +250,10 @@ class _Cell:
     def row(self, z_crit: float, z_power: float, config: GateConfig) -> dict:
         row = dict(estimator=self.entry.name, case=self.case.name, n=int(self.sums.get("n", 0)), expected=self.expected,
                    mean=np.nan, rel_bias=np.nan, z=np.nan, z_crit=z_crit, detectable=np.nan, khat=self.khat)
+        if not self.entry.applies(self.case):
+            why = ("it mixes the samples of one estimate, so it has no per-token use" if isinstance(self.case, SequenceKLCase)
+                   else "it needs sequences")
+            return {**row, "verdict": SKIPPED, "reason": why}
         if not self.testable:
             return {**row, "verdict": SKIPPED, "reason": "no exact finite expectation on this case"}
         if self.verdict == CAUGHT:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from reference_models import get_case
+from reference_models.bayesnet import parameter_table
+from reference_models.sequence_cases import get_sequence_case
 
 from . import experiments, figures, throughput
 from .catalog import ESTIMATORS, get_estimator
@@ -171,10 +173,99 @@ do not depend on the machine; asv tracks them over commits.</p>
 <div class="table-wrap">{_table(vocab, "vocab left")}</div></section>"""
 
 
-def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str], seed: int = 0) -> Path:
+SEQUENCE_INTRO = (
+    "Pairs of trained autoregressive models (FVSBN, NADE, MADE on binarized 4×4 scikit-learn digits and on "
+    "samples of a known Bayesian network; a small transformer on a hidden Markov source) and the sources "
+    "themselves. Every sequence is enumerated (2¹⁴–5⁸ of them), so the sequence KL and the exact variance of "
+    "each per-sequence estimator are known; sequences are drawn exactly from p by inverse CDF over that "
+    "enumeration. Per-token estimators (k1, k2, k3 and the clamped variants) are summed over the tokens of a "
+    "sequence as RLHF code does; seq_k3 is k3 of the whole-sequence ratio; rao_blackwell sums the exact "
+    "next-step KL at each sampled prefix (Amini, Vieira & Cotterell 2025).")
+
+MARGINAL_INTRO = (
+    "log Â with Â = (1/K) Σ w_k, w = p(x, z)/q(z|x), z ~ q, is the IWAE bound: Â is unbiased for p(x) but "
+    "E[log Â] ≤ log p(x) (Jensen). The delta method predicts the bias −μ₂/(2K) to first order and adds "
+    "(μ₃/(3μ³) − 3μ₂²/(4μ⁴))/K² to second (Nowozin 2018), with μ₂, μ₃ the exact central moments of the "
+    "normalized weight w/p(x) (closed form for log-normal weights and Gaussian pairs, finite sums for discrete "
+    "latents). The jackknife removes the 1/K term (order 1) and the 1/K² term (order 2). Biases are measured "
+    "with the control variate Â/p(x) − 1, whose mean is exactly 0, so that their standard errors are small.")
+
+CAPTIONS_MORE = {
+    "seqvar": "Variance of one per-sequence estimate on each sequence case (log axis): the study's measurement "
+              "(bars, n = 1) and the exact value by enumeration (black ticks). Where a bar falls far below its tick "
+              "the per-sequence estimate is heavy-tailed (k3 and seq_k3 on the Bayesian-network cases: a rare "
+              "sequence has a huge ratio q/p), and a few thousand replicates rarely see the tail. At the sequence "
+              "level k3 can be far noisier than k1. The Rao-Blackwellized estimator "
+              "is never negative and is below k1 on every case here (it need not be in general: the exact "
+              "difference is Σ_t E[Var(k1_t | x_<t) + 2 Cov(k1_t, KL still to come | x_<t)]). On the top-k case, "
+              "k1 and rao_blackwell coincide: both kept tokens have the same log-ratio −log Z_t(prefix).",
+    "loss": "Training loss (negative log-likelihood, nats per sequence, averaged over blocks of steps) of every "
+            "committed checkpoint's seeded recipe (`estbench train` retrains them).",
+    "marginal": "K × bias of log Â (log_mean_exp) and of the jackknifes against K, one panel per case, ±2 SE. "
+                "The delta method's first-order prediction is the flat dashed line −μ₂/2; the dotted line adds the "
+                "second-order term. The jackknifes' K × bias goes to 0.",
+}
+
+
+def _sequence_section(seq: pd.DataFrame, fig_dir: Path, first_number: int) -> str:
+    from reference_models.train import checkpoint_names, load_checkpoint
+
+    figures.sequence_variances(seq, fig_dir / "sequence_variance.png")
+    figures.loss_curves({n: load_checkpoint(n)[1] for n in checkpoint_names() if "@" not in n},
+                        fig_dir / "loss_curves.png")
+    rows = []
+    for name in seq["case"].unique():
+        case = get_sequence_case(name)
+        v = {k: case.variances[k].value for k in ("k1", "k3", "seq_k3", "rao_blackwell")}
+        measured = seq[seq["case"] == name].set_index("estimator")["var"]
+        ratio = lambda a, b, src: src[a] / src[b] if a in src and b in src and src[b] > 0 else float("nan")
+        rows.append({"case": name, "KL": case.truth.value, "how": case.truth.describe(),
+                     "var k1": v["k1"], "var k3": v["k3"], "var seq_k3": v["seq_k3"], "var RB": v["rao_blackwell"],
+                     "RB/k1 exact": ratio("rao_blackwell", "k1", v), "RB/k3 exact": ratio("rao_blackwell", "k3", v),
+                     "RB/k1 measured": ratio("rao_blackwell", "k1", measured),
+                     "RB/k3 measured": ratio("rao_blackwell", "k3", measured),
+                     "breaks": ", ".join(case.breaks) or "–", "description": case.description})
+    return f"""<section id="sequences"><h2>Sequence-level KL on trained autoregressive models</h2>
+<p>{esc(SEQUENCE_INTRO)}</p>
+{_figure("sequence_variance.png", "per-sequence variance of k1, k3 and Rao-Blackwellized KL per case", first_number,
+         CAPTIONS_MORE["seqvar"])}
+<div class="table-wrap">{_table(pd.DataFrame(rows), "seqtruth left")}</div>
+<h3>Sequence study</h3>
+<div class="table-wrap">{_table(seq[TABLE_COLUMNS], "study")}</div>
+{_figure("loss_curves.png", "training loss curves of the reference checkpoints", first_number + 1,
+         CAPTIONS_MORE["loss"])}</section>"""
+
+
+def _marginal_section(marginal: pd.DataFrame, fig_dir: Path, first_number: int) -> str:
+    ratios = figures.marginal_bias_vs_k(marginal, fig_dir / "marginal_bias_vs_k.png")
+    wide = marginal.pivot_table(index=["case", "K"], columns="estimator", values="bias_cv").reset_index()
+    for jk in ("jackknife1", "jackknife2"):
+        if jk in wide:
+            wide[f"|bias| / |bias {jk}|"] = wide["log_mean_exp"].abs() / wide[jk].abs()
+    top = marginal[marginal["estimator"] == "log_mean_exp"]
+    top = top[top["K"] == top["K"].max()][["case", "K", "khat", "ess"]]
+    return f"""<section id="marginal"><h2>Marginal likelihoods: the bias of log-of-mean</h2>
+<p>{esc(MARGINAL_INTRO)}</p>
+{_figure("marginal_bias_vs_k.png", "K times the bias of log-of-mean and the jackknifes vs K with theory",
+         first_number, CAPTIONS_MORE["marginal"])}
+<h3>Measured bias of log Â over the second-order prediction</h3>
+<div class="table-wrap">{_table(ratios, "ratios left")}</div>
+<h3>Bias (control-variate estimate) of each estimator, and the jackknife's reduction</h3>
+<div class="table-wrap">{_table(wide, "jack left")}</div>
+<h3>Weight diagnostics at the largest K (one estimate)</h3>
+<p>Pareto k̂ of the weights' tail (PSIS): below 0.5 the estimate is reliable, 0.5–0.7 slow to converge, above
+0.7 not to be trusted; ESS is Kish's effective sample size (Σw)²/Σw².</p>
+<div class="table-wrap">{_table(top, "diag left")}</div>
+<h3>Free parameters of discrete models (the course notes' examples)</h3>
+<div class="table-wrap">{_table(parameter_table(), "params left")}</div></section>"""
+
+
+def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str], seed: int = 0,
+                 sequence_frame: pd.DataFrame | None = None, marginal_frame: pd.DataFrame | None = None) -> Path:
     """Write ``out_dir/index.html`` and its figures ``out_dir/figures/*.png`` for a study frame of
-    :func:`reports.study.run_study`; ``meta`` (name -> text) is printed as provenance, ``seed`` seeds the
-    per-sample figure. Returns the page's path."""
+    :func:`reports.study.run_study` on KL cases, with the sections of a sequence-case study frame and a
+    marginal study frame (:func:`reports.marginal_study.run_marginal_study`) when given; ``meta`` (name ->
+    text) is printed as provenance, ``seed`` seeds the per-sample figure. Returns the page's path."""
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing or frame.empty:
         raise ValueError(f"frame must be a non-empty study frame; missing columns: {missing}")
@@ -213,11 +304,19 @@ def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str],
                               len(blocks) + 1, CAPTIONS["clamp"]))
     else:
         waiting.append("the production clamps' bias (needs the heavy-ratio case and a clamped variant)")
-    waiting += ["Rao-Blackwellized KL variance reduction (waits for the autoregressive reference models)",
-                "log-of-mean bias vs K with the theory curves and the jackknife (waits for the marginal-likelihood "
-                "estimators)"]
+    number = len(blocks) + 1
+    sequences = ""
+    if sequence_frame is not None and not sequence_frame.empty:
+        sequences, number = _sequence_section(sequence_frame, fig_dir, number), number + 2
+    else:
+        waiting.append("Rao-Blackwellized KL on the sequence cases (no sequence case in this study)")
+    marginal = ""
+    if marginal_frame is not None and not marginal_frame.empty:
+        marginal, number = _marginal_section(marginal_frame, fig_dir, number), number + 1
+    else:
+        waiting.append("log-of-mean bias vs K (no marginal study)")
 
-    seeds = _seed_experiments(fig_dir, first_number=len(blocks) + 1)
+    seeds = _seed_experiments(fig_dir, first_number=number)
     speed = _throughput(order, seed)
     replicates = ", ".join(map(str, sorted(frame["replicates"].unique())))
     scope = (f"{len(cases)} cases × {len(order)} estimators × n ∈ "
@@ -229,9 +328,9 @@ def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str],
                 if asv.exists() else "<p>No asv history here yet (run <code>asv run</code> and "
                                      "<code>asv publish</code> to make one).</p>")
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>estbench: KL estimator study</title>
+<html lang="en"><head><meta charset="utf-8"><title>estbench: KL and marginal-likelihood estimator study</title>
 <style>{CSS}</style></head><body>
-<h1>estbench: KL estimator study</h1>
+<h1>estbench: KL and marginal-likelihood estimator study</h1>
 <p>{esc(INTRO)} {esc(scope)}</p>
 <section id="summary"><h2>Summary per estimator</h2>
 <p>Cells consistent with the truth (|bias| ≤ 4·SE, give or take float rounding), the worst relative bias,
@@ -242,7 +341,9 @@ sort.</p>
 {"<ul>" + "".join(f"<li>{item}</li>" for item in broken) + "</ul>" if broken else "<p>None.</p>"}</section>
 <section id="figures"><h2>Figures</h2>
 {"".join(blocks)}
-<p class="waiting">Waiting for data: {esc("; ".join(waiting))}.</p></section>
+{f'<p class="waiting">Not drawn: {esc("; ".join(waiting))}.</p>' if waiting else ""}</section>
+{sequences}
+{marginal}
 {seeds}
 {speed}
 <section id="study"><h2>Study table</h2>

@@ -80,3 +80,44 @@ def k1_batch_mean(log_p, log_q):
 PLANTED = [k3_wrong_direction, k3_missing_minus_one, k3_missing_log_term, k1_sign_flipped, k3_low_precision,
            k3_tight_clamp, k3_small_multiplicative_bias, k1_in_bits, k2_as_kl, reverse_as_forward, naive_ratio,
            k3_additive_offset, k1_batch_mean]
+
+
+# --- Sequence-level bugs, in the forms of reports.catalog: f(log_p, log_q, mask) or f(logits_p, logits_q, mask).
+def sequence_k1_ignoring_mask(log_p, log_q, mask):
+    """Σ_t (log p − log q) over every position, padding included."""
+    return (log_p - log_q).sum(-1)
+
+
+def sequence_k1_token_mean(log_p, log_q, mask):
+    """The mean over tokens instead of the sum (a per-token KL passed off as the sequence KL)."""
+    m = mask.to(log_p.dtype)
+    return ((log_p - log_q) * m).sum(-1) / m.sum(-1)
+
+
+def sequence_k3_of_mean_log_ratio(log_p, log_q, mask):
+    """k3 of the mean per-token log-ratio: neither per-token nor sequence-level k3."""
+    m = mask.to(log_p.dtype)
+    lr = ((log_q - log_p) * m).sum(-1) / m.sum(-1)
+    return torch.expm1(lr) - lr
+
+
+def rao_blackwell_reversed(logits_p, logits_q, mask):
+    """The exact next-step KL in the wrong direction, KL(q(·|x_<t) ‖ p(·|x_<t)) summed."""
+    from .catalog import ESTIMATORS
+
+    return ESTIMATORS["rao_blackwell"].fn(logits_q, logits_p, mask)
+
+
+def rao_blackwell_last_step_only(logits_p, logits_q, mask):
+    """Only the last position's exact KL (an off-by-the-sequence reduction)."""
+    from .catalog import ESTIMATORS
+
+    keep = torch.zeros_like(mask)
+    keep[..., -1] = True
+    return ESTIMATORS["rao_blackwell"].fn(logits_p, logits_q, keep & mask)
+
+
+#: (function, form) of the sequence-level planted bugs.
+SEQUENCE_PLANTED = [(sequence_k1_ignoring_mask, "sequence"), (sequence_k1_token_mean, "sequence"),
+                    (sequence_k3_of_mean_log_ratio, "sequence"), (rao_blackwell_reversed, "logits"),
+                    (rao_blackwell_last_step_only, "logits")]

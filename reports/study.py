@@ -20,10 +20,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from reference_models import KLCase, get_case
+from reference_models.sequence_cases import SequenceKLCase, get_sequence_case, sequence_case_names
 
-from .catalog import EstimatorSpec, get_estimator
+from .catalog import EstimatorSpec, get_estimator, per_sample_estimates
 
-__all__ = ["StudyConfig", "chunk_seed", "draw_log_probs", "run_study", "COLUMNS"]
+__all__ = ["StudyConfig", "chunk_seed", "draw_log_probs", "draw", "any_case", "run_study", "COLUMNS"]
 
 #: Samples × event elements per chunk; fixed so that chunking never changes the numbers.
 CHUNK_ELEMENTS = 2 ** 21
@@ -66,12 +67,22 @@ def draw_log_probs(case: KLCase, size: int, seed: int) -> tuple[Tensor, Tensor]:
     return case.p.log_prob(x), case.q.log_prob(x)
 
 
-def _event_numel(case: KLCase) -> int:
-    return max(1, math.prod(case.p.event_shape))
+def draw(case: KLCase, size: int, seed: int, dtype: torch.dtype | None = None):
+    """``size`` samples from p: (log p(x), log q(x)) on a KL case, a SequenceSample on a sequence case
+    (in ``dtype``, float64 by default)."""
+    if isinstance(case, SequenceKLCase):
+        return case.draw(size, torch.Generator().manual_seed(seed), dtype=dtype or torch.float64)
+    lp, lq = draw_log_probs(case, size, seed)
+    return (lp, lq) if dtype is None else (lp.to(dtype), lq.to(dtype))
+
+
+def any_case(name: str) -> KLCase:
+    """A KL case or a sequence case by name."""
+    return get_sequence_case(name) if name in sequence_case_names() else get_case(name)
 
 
 def _chunks(case: KLCase, n: int, replicates: int) -> list[int]:
-    per_chunk = max(1, CHUNK_ELEMENTS // (n * _event_numel(case)))
+    per_chunk = max(1, CHUNK_ELEMENTS // (n * case.event_numel))
     full, rest = divmod(replicates, per_chunk)
     return [per_chunk] * full + ([rest] if rest else [])
 
@@ -79,8 +90,10 @@ def _chunks(case: KLCase, n: int, replicates: int) -> list[int]:
 def _run_cell(case: KLCase, spec: EstimatorSpec, n: int, replicates: int, seed: int, bar) -> dict:
     means, negative, nonfinite = [], 0, 0
     for i, reps in enumerate(_chunks(case, n, replicates)):
-        lp, lq = draw_log_probs(case, reps * n, chunk_seed(seed, case.name, spec.name, n, i))
-        est = spec.fn(lp.reshape(reps, n), lq.reshape(reps, n)).double()
+        sample = draw(case, reps * n, chunk_seed(seed, case.name, spec.name, n, i))
+        if isinstance(sample, tuple):  # the estimator sees [replicates, n]: its samples lie along the last dim
+            sample = tuple(t.reshape(reps, n) for t in sample)
+        est = per_sample_estimates(spec.fn, spec.form, sample).double().reshape(reps, n)
         means.append(est.mean(-1))
         negative += int((est < 0).sum())
         nonfinite += int((~torch.isfinite(est)).sum())
@@ -129,12 +142,16 @@ def run_study(config: StudyConfig, progress: bool = True, cache_dir: str | Path 
     ``bias_se`` is the standard error of ``bias``. Cells whose target is infinite (the reverse KL on a
     support mismatch) are skipped and listed in ``frame.attrs["skipped"]``.
     """
-    cases = [get_case(c) for c in config.cases]
+    cases = [any_case(c) for c in config.cases]
     specs = [get_estimator(e) for e in config.estimators]
     cells, skipped = [], []
     for case in cases:
         for spec in specs:
             target = getattr(case.moments, spec.target)
+            if not spec.applies(case):
+                why = "it mixes the samples of one estimate" if isinstance(case, SequenceKLCase) else "sequences only"
+                skipped.append(f"{spec.name} on {case.name}: {why}")
+                continue
             if not target.finite:
                 skipped.append(f"{spec.name} on {case.name}: its target {spec.target} is infinite ({target.note})")
                 continue

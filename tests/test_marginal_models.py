@@ -42,6 +42,16 @@ def test_elbo_gap_is_the_kl_from_proposal_to_posterior(name):
     assert abs(float(gap.mean()) - case.elbo_gap.value) <= Z * se + 1e-9
 
 
+def test_fast_pca_log_joint_is_the_model_log_joint():
+    from reference_models.latent import LinearGaussian
+    from reference_models.latent_cases import pca_log_joint
+
+    model = LinearGaussian.random(50, 10, 0.5, 0)
+    x = model.sample(1, torch.Generator().manual_seed(1))[0][0]
+    z = 2 * torch.randn(100, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(pca_log_joint(model, x)(z), model.log_joint(x, z), rtol=1e-12, atol=1e-10)
+
+
 def test_weight_moments_match_a_direct_gaussian_integral():
     """The closed-form Rényi integral: m = 1 gives log 1 = 0 exactly, and m = 2, ∫ p²/q = E_p[p/q], agrees
     with a Monte Carlo average of p/q under p (z-test)."""
