@@ -55,6 +55,11 @@ class KLCase:
         return isinstance(self.p, Categorical)
 
     @property
+    def diagnose_tails(self) -> bool:
+        """Whether a z-test of an estimator's mean must first check its tail (Pareto k̂)."""
+        return not self.finite_support
+
+    @property
     def event_numel(self) -> int:
         """Elements per sample (what a study's or the gate's chunk budget counts)."""
         return max(1, math.prod(self.p.event_shape))

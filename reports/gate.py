@@ -17,7 +17,8 @@ N = ((z_crit + z_power)·σ̂ / (rel_bias·|expected|))² samples, so that a rel
 **Validity conditions.** A z-test means something only where the estimator's variance is finite, so a
 cell is *unverifiable* (not failed, not passed) where the case proves E_p[(q/p)²] = ∞ for a ratio-based
 built-in estimator, or where the Pareto k̂ of the pilot's estimates is ≥ ``khat_max`` (not diagnosed on a
-finite support, where every finite estimate has finite variance). Where a case breaks the support
+single categorical draw, where every finite estimate is bounded; diagnosed on sequences, whose support is
+finite too but whose ratios span orders of magnitude, so that the CLT needs far more samples than the test). Where a case breaks the support
 assumption (E_p[q/p] < 1) and the estimate is k1 + c·(r − 1) plus an unbiased rest (k3: c = 1; the
 control variates: c = λ), its bias c·(E_p[q/p] − 1) is reported as the case's *assumption* rather than
 as the estimator's failure. Where E_p[(q/p)²] = ∞, an estimate that adds a heavy-tailed term to k1
@@ -220,7 +221,7 @@ class _Cell:
                            ("dd", (d * d).sum()), ("c", shared.cv_sum), ("cc", shared.cv_sq_sum),
                            ("dc", (d * cv).sum()), ("abs_logp", shared.abs_logp_sum)):
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        if pilot and not self.case.finite_support:  # on a finite support every finite estimate has finite variance
+        if pilot and self.case.diagnose_tails:
             self.khat = pareto_khat(v, tail="both")
             self.khat_extra = pareto_khat(d, tail="both") if float(d.abs().max()) > 0 else -math.inf
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from estimators import kl
-from reference_models import get_case
+from reference_models import case_names, get_case
 from reports.catalog import UNBIASED
 from reports.gate import ASSUMPTION, CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, GateEntry, builtin_entries, run_gate
 from reports.planted_bugs import PLANTED
@@ -22,9 +22,10 @@ USER_STYLE = [GateEntry("user_k1", kl.k1), GateEntry("user_k3", kl.k3), GateEntr
 
 @pytest.fixture(scope="module")
 def full_gate():
-    """One run at the default budget: built-ins, user-style entries and every planted bug share samples."""
+    """One run at the default budget on the KL cases (the sequence cases: tests/test_sequence_cases.py):
+    built-ins, user-style entries and every planted bug share samples."""
     entries = builtin_entries() + USER_STYLE + [GateEntry(f.__name__, f) for f in PLANTED]
-    return run_gate(entries, config=GateConfig(seed=0))
+    return run_gate(entries, case_names(), config=GateConfig(seed=0))
 
 
 def test_correct_estimators_hold(full_gate):
@@ -82,7 +83,7 @@ def _chunk_size(case_name, config):
 def test_no_false_alarm(seed):
     """The false-alarm rate does not depend on N, so these runs use one small chunk per cell."""
     entries = builtin_entries(CORRECT) + USER_STYLE
-    result = run_gate(entries, config=GateConfig(seed=seed, chunk=2 ** 16, max_budget=2 ** 16))
+    result = run_gate(entries, case_names(), config=GateConfig(seed=seed, chunk=2 ** 16, max_budget=2 ** 16))
     assert result.holds(), result.caught().to_string()
 
 

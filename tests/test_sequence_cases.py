@@ -15,7 +15,7 @@ from reference_models.sequence_cases import (EXACT_VARIANCE_OF, get_sequence_cas
                                              token_log_probs)
 from reference_models.train import hmm_source, kl_source_model, load_checkpoint
 from reports.catalog import UNBIASED
-from reports.gate import CAUGHT, HOLDS, GateConfig, GateEntry, builtin_entries, run_gate
+from reports.gate import CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, GateEntry, builtin_entries, run_gate
 from reports.planted_bugs import PLANTED, SEQUENCE_PLANTED
 from reports.study import StudyConfig, run_study
 
@@ -85,9 +85,11 @@ def test_gate_holds_every_unbiased_estimator_on_every_sequence_case(sequence_gat
         assert sequence_gate.holds(name), sequence_gate.caught(name).to_string()
     rb = frame[frame.estimator == "rao_blackwell"]
     assert (rb.verdict == HOLDS).all(), rb.to_string()
-    # the k3 forms are held to their exact expectation, which differs from the KL only on the top-k case
-    k3 = frame[(frame.estimator == "seq_k3") & (frame.case != "seq-transformer-top-k")]
-    assert (k3.verdict == HOLDS).all(), k3.to_string()
+    # the k3 forms are held to their exact expectation, which differs from the KL only on the top-k case;
+    # where their tails are too heavy for a z-test (the Bayesian-network cases) they are unverifiable
+    k3 = frame[frame.estimator.isin(["k3", "seq_k3"]) & (frame.case != "seq-transformer-top-k")]
+    assert k3.verdict.isin([HOLDS, UNVERIFIABLE]).all(), k3.to_string()
+    assert (k3[k3.case.str.contains("transformer")].verdict == HOLDS).all(), k3.to_string()
 
 
 def test_gate_catches_the_planted_bugs_on_sequences(sequence_gate):
@@ -100,8 +102,26 @@ def test_gate_catches_the_planted_bugs_on_sequences(sequence_gate):
     names += [f.__name__ for f, _ in SEQUENCE_PLANTED]
     missed = [n for n in names if not (frame[frame.estimator == n].verdict == CAUGHT).any()]
     assert not missed, missed
-    # the user's k1 applied per token and summed is the unbiased sequence k1 on every case
-    assert (frame[frame.estimator == "user_k1"].verdict == HOLDS).all()
+    # the user's k1 applied per token and summed is the unbiased sequence k1: never caught, and held wherever
+    # its tail passes the k̂ check (all but the digit-model pairs, where a rare image has a huge log-ratio)
+    user = frame[frame.estimator == "user_k1"]
+    assert (user.verdict != CAUGHT).all() and (user.verdict == HOLDS).sum() >= 6, user.to_string()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_no_false_alarm_on_sequences(seed):
+    """Ten more independent gate runs of the unbiased estimators on small budgets (≤ 10 × 1e-4 = 0.1%)."""
+    entries = builtin_entries(["k1", "k2", "k3", "seq_k3", "rao_blackwell"])
+    result = run_gate(entries, CASES, GateConfig(seed=seed + 1, chunk=2 ** 16, max_budget=2 ** 16))
+    assert result.holds(), result.caught().to_string()
+
+
+def test_leave_one_out_control_variate_across_tokens_is_biased(sequence_gate):
+    """A leave-one-out λ is unbiased across i.i.d. samples, not across the tokens of one sequence: λ₋ₜ depends
+    on later tokens, which depend on x_t. The built-in is therefore skipped on sequences, with the reason."""
+    frame = sequence_gate.frame
+    cv = frame[frame.estimator == "k1_cv"]
+    assert (cv.verdict == "skipped").all() and cv.reason.str.contains("mixes the samples").all()
 
 
 def test_study_variances_match_the_exact_ones():
