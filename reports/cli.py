@@ -212,7 +212,7 @@ def load_function(spec: str):
 
 
 def _gate(args) -> int:
-    from .gate import CAUGHT, GateConfig, GateEntry, run_gate
+    from .gate import GateConfig, GateEntry, run_gate
 
     if args.marginal:
         return _gate_marginal(args)
@@ -225,23 +225,29 @@ def _gate(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from err
     result = run_gate([GateEntry(args.kl, fn)], list(cases), config, progress=True)
-    print(result.table())
     frame = result.frame
-    counts = frame.verdict.value_counts().to_dict()
-    print(f"\nfalse-alarm rate of this run: {config.alpha:g} (Bonferroni over {len(frame)} cases; "
-          f"|z| > {frame.z_crit.iloc[0]:.2f} is caught)")
+    rate = (f"{config.alpha:g} (Bonferroni over {len(frame)} cases; |z| > {frame.z_crit.iloc[0]:.2f} is caught)")
+    return _verdict(result, args.kl, rate, "case(s)", "is consistent with the exact KL on every verifiable case")
+
+
+def _verdict(result, name: str, rate: str, unit: str, holds: str) -> int:
+    """Print a gate's table and summary; the exit status."""
+    from .gate import CAUGHT
+
+    print(result.table())
+    counts = result.frame.verdict.value_counts().to_dict()
+    print(f"\nfalse-alarm rate of this run: {rate}")
     print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if counts.get(CAUGHT):
-        print(f"CAUGHT: {args.kl} is wrong on {counts[CAUGHT]} case(s): see the rows marked 'caught' above.")
+        print(f"CAUGHT: {name} is wrong on {counts[CAUGHT]} {unit}: see the rows marked 'caught' above.")
         return EXIT_CAUGHT
-    print(f"HOLDS: {args.kl} is consistent with the exact KL on every verifiable case.")
+    print(f"HOLDS: {name} {holds}.")
     return EXIT_OK
 
 
 def _gate_marginal(args) -> int:
     from reference_models.marginal_cases import marginal_case_names
 
-    from .gate import CAUGHT
     from .marginal_gate import DEFAULT_CASES, MarginalEntry, MarginalGateConfig, run_marginal_gate
 
     fn = load_function(args.marginal)
@@ -251,18 +257,11 @@ def _gate_marginal(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from err
     result = run_marginal_gate([MarginalEntry(args.marginal, fn)], list(cases), config, progress=True)
-    print(result.table())
     frame = result.frame
-    counts = frame.verdict.value_counts().to_dict()
-    tests = int(frame.z_crit.notna().sum())
-    print(f"\nfalse-alarm rate of this run: {config.alpha:g} (Bonferroni over {tests} one-sided z-tests, two looks "
-          f"each; z beyond {frame.z_crit.max():.2f} on the tested side is caught)")
-    print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    if counts.get(CAUGHT):
-        print(f"CAUGHT: {args.marginal} fails {counts[CAUGHT]} check(s): see the rows marked 'caught' above.")
-        return EXIT_CAUGHT
-    print(f"HOLDS: {args.marginal} is no more biased than log_mean_exp on every verifiable check.")
-    return EXIT_OK
+    rate = (f"{config.alpha:g} (Bonferroni over {int(frame.z_crit.notna().sum())} one-sided z-tests, two looks "
+            f"each; z beyond {frame.z_crit.max():.2f} on the tested side is caught)")
+    return _verdict(result, args.marginal, rate, "check(s)",
+                    "is no more biased than log_mean_exp on every verifiable check")
 
 
 if __name__ == "__main__":

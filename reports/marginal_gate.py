@@ -45,7 +45,7 @@ from estimators import marginal
 from estimators.diagnostics import pareto_khat
 from reference_models.marginal_cases import MarginalCase, get_marginal_case
 
-from .gate import CAUGHT, HOLDS, UNVERIFIABLE
+from .gate import CAUGHT, HOLDS, UNVERIFIABLE, GateResult
 from .study import chunk_seed
 
 __all__ = ["MarginalGateConfig", "MarginalEntry", "MarginalGateResult", "run_marginal_gate", "DEFAULT_CASES",
@@ -97,17 +97,10 @@ class MarginalEntry:
 
 
 @dataclass
-class MarginalGateResult:
-    frame: pd.DataFrame
+class MarginalGateResult(GateResult):
+    """The verdicts of a marginal gate run, one row per check (``caught``/``holds`` as in the KL gate)."""
+
     config: MarginalGateConfig
-
-    def caught(self, name: str | None = None) -> pd.DataFrame:
-        rows = self.frame[self.frame.verdict == CAUGHT]
-        return rows if name is None else rows[rows.estimator == name]
-
-    def holds(self, name: str | None = None) -> bool:
-        """No check caught (for one estimator, or for all)."""
-        return self.caught(name).empty
 
     def table(self) -> str:
         cols = ["estimator", "check", "case", "K", "verdict", "n", "bias", "baseline", "z", "detectable", "khat",
