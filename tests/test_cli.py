@@ -15,11 +15,23 @@ def estbench(*args, cwd=ROOT):
 
 def test_cases_lists_every_case():
     from reference_models import case_names
+    from reference_models.marginal_cases import marginal_case_names
+    from reference_models.sequence_cases import sequence_case_names
 
     out = estbench("cases")
     assert out.returncode == 0
-    for name in case_names():
+    for name in case_names() + sequence_case_names() + marginal_case_names():
         assert name in out.stdout
+
+
+def test_train_reproduces_a_checkpoint_into_a_folder(tmp_path):
+    import json
+
+    out = estbench("train", "fvsbn-bn", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    made = json.loads((tmp_path / "fvsbn-bn.json").read_text())
+    committed = json.loads((ROOT / "reference_models" / "checkpoints" / "fvsbn-bn.json").read_text())
+    assert made["fingerprint"] == pytest.approx(committed["fingerprint"], rel=1e-6)
 
 
 def test_gate_holds_for_k3_and_reports_assumptions():
@@ -41,6 +53,9 @@ def test_gate_catches_a_planted_bug_with_a_table():
     (["gate", "--kl", "estimators.kl:k3", "--cases", "nope"], "unknown case"),
     (["report", "--estimators", "nope"], "unknown estimator"),
     (["report", "--replicates", "1"], "replicates"),
+    (["report", "--marginal-cases", "nope"], "unknown marginal case"),
+    (["gate", "--marginal", "estimators.marginal:log_mean_exp", "--cases", "nope"], "unknown marginal case"),
+    (["train", "nope"], "unknown recipe"),
 ])
 def test_usage_errors_exit_2(args, message):
     out = estbench(*args)
