@@ -48,6 +48,9 @@ __all__ = ["GateConfig", "GateEntry", "GateResult", "run_gate", "entry_from_spec
            "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED"]
 
 HOLDS, CAUGHT, UNVERIFIABLE, ASSUMPTION, SKIPPED = "holds", "caught", "unverifiable", "assumption", "skipped"
+#: A built-in's estimates on a sequence case, whose kurtosis κ is exact, are tested with N ≥ CLT_FACTOR·κ,
+#: so that the excess kurtosis of their mean, (κ − 3)/N, is below 1/CLT_FACTOR.
+CLT_FACTOR = 100
 
 
 @dataclass(frozen=True)
@@ -225,13 +228,28 @@ class _Cell:
             self.khat = pareto_khat(v, tail="both")
             self.khat_extra = pareto_khat(d, tail="both") if float(d.abs().max()) > 0 else -math.inf
 
+    def _exact_kurtosis(self) -> float | None:
+        """κ = μ₄/σ⁴ of a built-in's per-sequence estimate where the case enumerated it, else None."""
+        spec, exact = ESTIMATORS.get(self.entry.name), getattr(self.case, "variances", {})
+        if spec is None or spec.fn is not self.entry.fn or self.entry.name not in exact:
+            return None
+        var = exact[self.entry.name].value
+        return exact[f"{self.entry.name}:m4"].value / var ** 2 if var > 0 else None
+
     def plan(self, z_crit: float, z_power: float, config: GateConfig, size: int, max_chunks: int) -> None:
-        """From the pilot: stop early where the test cannot mean anything, else choose N for the power."""
+        """From the pilot: stop early where the test cannot mean anything, else choose N for the power (and,
+        where the estimate's kurtosis is exact, for the normality of its mean)."""
+        kurtosis = self._exact_kurtosis()
         if self.entry.uses_ratio and not self.case.ratio_variance_finite:
             self.verdict, self.reason = UNVERIFIABLE, self.case.breaks["ratio_variance"]
-        elif self.khat >= config.khat_max:
-            self.verdict, self.reason = UNVERIFIABLE, (f"tail too heavy: Pareto k̂ = {self.khat:.2f} ≥ {config.khat_max},"
-                                                       " the variance is likely infinite and a z-test meaningless")
+        elif kurtosis is not None and CLT_FACTOR * kurtosis > max_chunks * size:
+            self.verdict, self.reason = UNVERIFIABLE, (
+                f"its exact kurtosis (by enumeration) is {kurtosis:.3g}: a z-test needs N ≥ {CLT_FACTOR}κ = "
+                f"{CLT_FACTOR * kurtosis:.3g}, above the cap of {max_chunks * size} samples")
+        elif kurtosis is None and self.khat >= config.khat_max:
+            why = ("the support is finite, so the variance is too, but the CLT needs far more samples than a test can "
+                   "take" if self.case.finite_support else "the variance is likely infinite and a z-test meaningless")
+            self.verdict, self.reason = UNVERIFIABLE, f"tail too heavy: Pareto k̂ = {self.khat:.2f} ≥ {config.khat_max}; {why}"
         elif not self.case.ratio_variance_finite and self.khat_extra >= config.khat_max:
             self.verdict, self.reason = UNVERIFIABLE, (
                 f"what the estimate adds to k1 is heavy-tailed (Pareto k̂ = {self.khat_extra:.2f}), as any function "
@@ -239,6 +257,8 @@ class _Cell:
         else:
             sd = math.sqrt(max(self._var("v", "vv"), 0.0))
             needed = ((z_crit + z_power) * sd / (config.rel_bias * max(abs(self.expected), 1e-300))) ** 2
+            if kurtosis is not None:
+                needed = max(needed, CLT_FACTOR * kurtosis)
             self.chunks = int(min(max_chunks, max(1, math.ceil(needed / size))))
 
     def _mean(self, key: str) -> float:

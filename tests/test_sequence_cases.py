@@ -83,10 +83,12 @@ def test_gate_holds_every_unbiased_estimator_on_every_sequence_case(sequence_gat
     frame = sequence_gate.frame
     for name in [*UNBIASED, "k2", "user_k1"]:
         assert sequence_gate.holds(name), sequence_gate.caught(name).to_string()
-    rb = frame[frame.estimator == "rao_blackwell"]
-    assert (rb.verdict == HOLDS).all(), rb.to_string()
+    for name in ("k1", "k2", "rao_blackwell"):  # light enough tails for a z-test on every case
+        rows = frame[frame.estimator == name]
+        assert (rows.verdict == HOLDS).all(), rows.to_string()
     # the k3 forms are held to their exact expectation, which differs from the KL only on the top-k case;
-    # where their tails are too heavy for a z-test (the Bayesian-network cases) they are unverifiable
+    # where their exact kurtosis asks for more samples than the cap (the Bayesian-network cases, and seq_k3
+    # on the binary models) they are unverifiable
     k3 = frame[frame.estimator.isin(["k3", "seq_k3"]) & (frame.case != "seq-transformer-top-k")]
     assert k3.verdict.isin([HOLDS, UNVERIFIABLE]).all(), k3.to_string()
     assert (k3[k3.case.str.contains("transformer")].verdict == HOLDS).all(), k3.to_string()
