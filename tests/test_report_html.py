@@ -76,3 +76,24 @@ def test_summary_counts_consistent_cells(page):
     k1_row = k1_row[:k1_row.index("</tr>")]
     assert "<td>6 / 6</td>" in k1_row  # k1 is unbiased everywhere, its constant estimate on uniform-support too
     assert "median var / var(k1)" in summary and "median var / var(k3)" in summary
+
+
+def test_sequence_and_marginal_sections(tmp_path):
+    """With a sequence study and a marginal study the page gains their sections, figures and tables."""
+    from reports.marginal_study import run_marginal_study
+
+    frame = run_study(StudyConfig(cases=("gauss-shift-1",), estimators=("k1", "k3"), ns=(10,), replicates=20, seed=0),
+                      progress=False)
+    seq = run_study(StudyConfig(cases=("seq-bn-vs-made", "seq-transformer-top-k"),
+                                estimators=("k1", "k3", "rao_blackwell"), ns=(1,), replicates=200, seed=0),
+                    progress=False)
+    marginal = run_marginal_study(["lognormal-0.5", "mixture-prior"], ["log_mean_exp", "jackknife1"], Ks=(4, 16),
+                                  replicates=50, seed=0)
+    path = write_report(frame, tmp_path, META, sequence_frame=seq, marginal_frame=marginal)
+    text = path.read_text(encoding="utf-8")
+    for section in ("sequences", "marginal"):
+        assert f'<section id="{section}">' in text
+    for figure in ("sequence_variance.png", "loss_curves.png", "marginal_bias_vs_k.png"):
+        assert f'src="figures/{figure}"' in text and (tmp_path / "figures" / figure).stat().st_size > 0
+    assert "RB/k1 exact" in text and "measured / theory" in text and "1023" in text  # free-parameter table
+    assert "Not drawn: Rao-Blackwellized" not in text
