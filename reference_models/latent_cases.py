@@ -19,6 +19,7 @@ import torch
 from torch.distributions import Categorical, MultivariateNormal, kl_divergence
 
 from .bayesnet import DiscreteBayesNet
+from .distributions import Categorical as CategoricalModel
 from .latent import DiscreteLatent, LinearGaussian
 from .marginal_cases import MarginalCase, WeightMoments, register_marginal_case
 from .truth import Truth
@@ -110,10 +111,10 @@ def discrete_case(name: str, log_p: float, posterior: Categorical, prior: Catego
     log_v = posterior.logits - prior.logits  # log p(z|x)/q(z) per latent value (logits are normalized)
     raw = lambda m: float(torch.logsumexp(prior.logits + m * log_v, -1))
 
+    proposal = CategoricalModel(prior.logits)
+
     def sampler(shape, K, generator):
-        u = torch.rand(*shape, K, generator=generator, dtype=torch.float64)
-        cdf = prior.probs.cumsum(-1)
-        z = torch.searchsorted(cdf, (u * cdf[-1]).unsqueeze(-1)).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+        z = proposal.sample(math.prod(shape) * K, generator).reshape(*shape, K)
         return log_joint(z) - prior.logits[z]
 
     return MarginalCase(name, description, sampler, Truth(log_p, "enumeration", 0.0, "Σ_z p(x, z)"),

@@ -33,6 +33,7 @@ from torch.distributions import Categorical as _Categorical
 
 from .bayesnet import DiscreteBayesNet
 from .cases import KLCase
+from .transformer import all_sequences
 from .truth import RatioMoments, Truth
 
 __all__ = ["SequenceSample", "SequenceTable", "SequenceKLCase", "SEQUENCE_CASES", "sequence_case_names",
@@ -176,34 +177,26 @@ def _mask(x: Tensor, eos: int | None) -> Tensor:
     return ended_before == 0
 
 
-def _states(length: int, vocab: int) -> Tensor:
-    """All vocab**length sequences, [vocab**length, length], lexicographic (the last position fastest)."""
-    grids = torch.meshgrid(*[torch.arange(vocab)] * length, indexing="ij")
-    return torch.stack([g.reshape(-1) for g in grids], -1)
-
-
 @lru_cache(maxsize=16)
 def enumerated_logits(model: nn.Module, length: int, vocab: int, binary: bool) -> Tensor:
-    """The model's next-step logits at every sequence of ``_states(length, vocab)`` in float64. A token model's
+    """The model's next-step logits at every sequence of ``all_sequences(vocab, length)`` in float64. A token model's
     logits at x depend on the prefix x_<T only, so they are computed once per prefix (V^(T−1) passes) and
     repeated for the V last tokens; a wrapper (temperature, top-k) transforms its model's table."""
     if hasattr(model, "transform"):
         return model.transform(enumerated_logits(model.model, length, vocab, binary))
     with torch.no_grad():
         if binary:
-            states = _states(length, 2).double()
+            states = all_sequences(2, length).double()
             return torch.cat([model.conditionals(b).double() for b in states.split(_BATCH)])
-        prefixes = torch.cat([_states(length - 1, vocab), torch.zeros(vocab ** (length - 1), 1, dtype=torch.long)], 1)
+        prefixes = torch.cat([all_sequences(vocab, length - 1), torch.zeros(vocab ** (length - 1), 1, dtype=torch.long)],
+                             1)
         table = torch.cat([model.conditionals(b).double() for b in prefixes.split(_BATCH)])
         return table.repeat_interleave(vocab, 0)
 
 
 def sequence_table(p, q, length: int, binary: bool, vocab: int = 2, eos: int | None = None) -> SequenceTable:
-    """Enumerate every sequence of the pair (at most 10⁶)."""
-    count = vocab ** length
-    if count > 10 ** 6:
-        raise ValueError(f"{count} sequences is too many to enumerate (at most 10⁶)")
-    states = _states(length, vocab)
+    """Enumerate every sequence of the pair (at most 10⁶: ``all_sequences`` says so otherwise)."""
+    states = all_sequences(vocab, length)
     if binary:
         states = states.double()
     logits_p, logits_q = (enumerated_logits(m, length, vocab, binary) for m in (p, q))

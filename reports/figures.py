@@ -168,8 +168,8 @@ def sequence_variances(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     from reference_models.sequence_cases import get_sequence_case
 
     data = frame[frame["n"] == frame["n"].min()].copy()
-    data["exact var"] = [get_sequence_case(c).variances.get(e).value if e in get_sequence_case(c).variances
-                         else np.nan for c, e in zip(data["case"], data["estimator"])]
+    exact = {(c, e): v.value for c in data["case"].unique() for e, v in get_sequence_case(c).variances.items()}
+    data["exact var"] = [exact.get(key, np.nan) for key in zip(data["case"], data["estimator"])]
     order = list(data["estimator"].unique())
     cases = list(data["case"].unique())
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases) * len(order) / 3), 3.8))
