@@ -26,8 +26,21 @@ def check_log_probs(log_p: Tensor, log_q: Tensor) -> None:
     if log_p.device != log_q.device:
         raise ValueError(f"log_p and log_q must be on the same device, got {log_p.device} and {log_q.device}")
     for name, value in (("log_p", log_p), ("log_q", log_q)):
-        bad = ~torch.isfinite(value)
-        if bool(bad.any()):
-            kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
-            raise ValueError(f"{name} contains {int(bad.sum())} non-finite ({kind}) values; "
-                             "log-probabilities of samples must be finite")
+        check_finite(name, value)
+
+
+def check_finite(name: str, value: Tensor, detail: str = "log-probabilities of samples must be finite") -> None:
+    """Every element of ``value`` must be finite, else a ValueError naming ``name``, the count and ``detail``.
+
+    A finite sum proves that every term is finite (NaN or ±inf in any term makes the sum non-finite), and
+    a sum reads the tensor once without allocating, where ``isfinite`` writes a mask as large as the
+    input. Only a non-finite sum (a bad element, or overflow of the sum itself) pays for the elementwise
+    check, which then names the problem.
+    """
+    accumulate = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+    if bool(torch.isfinite(value.sum(dtype=accumulate))):
+        return
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):  # else only the sum overflowed
+        kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+        raise ValueError(f"{name} contains {int(bad.sum())} non-finite ({kind}) values; {detail}")

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validate import check_float_tensor
+from ._validate import check_finite, check_float_tensor
 from .vocab import token_kl
 
 __all__ = ["sequence_k1", "sequence_k3_per_token", "sequence_k3", "rao_blackwell_kl", "bernoulli_rao_blackwell_kl",
@@ -159,9 +159,7 @@ def _checked(x: Tensor, y: Tensor, names: tuple[str, str], mask: Tensor | None) 
     if keep is not None:
         x, y = x.where(keep, 0.0), y.where(keep, 0.0)
     for name, value in zip(names, (x, y)):
-        bad = ~torch.isfinite(value)
-        if bool(bad.any()):
-            raise ValueError(f"{name} contains {int(bad.sum())} non-finite values at unmasked positions")
+        check_finite(name, value, "they must be finite at unmasked positions")
     return x, y
 
 

@@ -125,8 +125,8 @@ class Gaussian(ReferenceModel):
     def _sample(self, n, generator):
         eps = _randn((n, *self.loc.shape), generator, self.loc)
         if self.loc.dim() == 0:
-            return self.loc + self.scale_tril * eps
-        return self.loc + eps @ self.scale_tril.T
+            return eps.mul_(self.scale_tril).add_(self.loc)  # in place: no second n-sized buffer
+        return (eps @ self.scale_tril.T).add_(self.loc)
 
     def describe(self):
         if self.dim == 1:

@@ -226,6 +226,32 @@ def test_k1_control_variate_matches_brute_force_leave_one_out():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+_OK = torch.zeros(4)
+
+
+@pytest.mark.parametrize(("log_p", "log_q", "match"), [
+    (torch.tensor([0.0, math.nan, 0.0, 0.0]), _OK, r"log_p contains 1 non-finite \(NaN\)"),
+    (_OK, torch.tensor([0.0, math.inf, -math.inf, 0.0]), r"log_q contains 2 non-finite \(infinite\)"),
+    (_OK, torch.tensor([0.0, -math.inf, 0.0, 0.0]), r"log_q contains 1 non-finite \(infinite\)"),
+    (_OK, torch.zeros(5), "same shape"),
+    (_OK, torch.zeros(4, dtype=torch.float64), "same dtype"),
+    (torch.zeros(0), torch.zeros(0), "log_p is empty"),
+    ([0.0], _OK, "log_p must be a torch.Tensor"),
+    (_OK, torch.zeros(4, dtype=torch.int64), "log_q must have a floating-point dtype"),
+], ids=["nan", "+inf-and--inf", "-inf", "shape", "dtype", "empty", "list", "int"])
+@pytest.mark.parametrize("fn", ESTIMATORS, ids=_ids(ESTIMATORS))
+def test_bad_log_probs_raise_naming_the_argument(fn, log_p, log_q, match):
+    with pytest.raises(ValueError, match=match):
+        fn(log_p, log_q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_inputs_whose_sum_overflows_are_accepted(dtype):
+    """The finiteness check reads a sum first; a sum that overflows on finite inputs must not be an error."""
+    big = torch.full((8,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not bool(torch.isfinite(big.sum()))
+    out = kl.k1(-big, -big)
+    assert bool((out == 0).all())
 
 
 @pytest.mark.parametrize(("make", "kwargs", "match"), [

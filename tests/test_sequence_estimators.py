@@ -309,7 +309,7 @@ _NAN = torch.tensor([[0.0, math.nan, 0.0], [0.0, 0.0, 0.0]])
     (lambda: sequence_k3([0.0], _LQ), "log_p must be a torch.Tensor"),
     (lambda: sequence_k1(torch.tensor(0.0), torch.tensor(0.0)), "log_p must be non-empty with at least 1"),
     (lambda: sequence_k1(torch.zeros(2, 0), torch.zeros(2, 0)), "log_p must be non-empty"),
-    (lambda: sequence_k1(_NAN, _LQ), "log_p contains 1 non-finite values at unmasked positions"),
+    (lambda: sequence_k1(_NAN, _LQ), "log_p contains 1 non-finite .NaN. values; they must be finite at unmasked positions"),
     (lambda: sequence_k3_per_token(_LP, _NAN, torch.ones(2, 3)), "log_q contains 1 non-finite"),
     (lambda: sequence_k3_per_token(_LP, _LQ, torch.ones(3, 2)), r"mask must have shape \(2, 3\)"),
     (lambda: sequence_k3(_LP, _LQ, torch.full((2, 3), 0.5)), "mask must be bool or hold only 0 and 1"),
