@@ -39,19 +39,24 @@ per-row sums are kept in float64.
   :math:`a_v = -\infty` (:math:`p_v = 0`) is 0, and a token with :math:`b_v = -\infty < a_v`
   (:math:`q_v = 0 < p_v`) makes the row ``+inf``, even where :math:`e^{a_v - m_a}` underflows to 0.
 
+On a CUDA device with Triton installed, the forward pass runs as one fused kernel instead
+(:mod:`estimators.vocab_triton`: the same online softmax, one program per row, float32 state); ``backend`` chooses.
+
 The gradient (when an input requires one) is :math:`\partial KL/\partial a_v = p_v(\log p_v - \log q_v - KL)` and
 :math:`\partial KL/\partial b_v = q_v - p_v`, computed chunk by chunk from the saved :math:`\mathrm{lse}` values.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
+from . import vocab_triton
 from ._validate import check_float_tensor
 
-__all__ = ["token_kl"]
+__all__ = ["token_kl", "BACKENDS"]
 
 #: Logits per tile (rows x chunk): rows are taken in blocks of about ``_TILE // chunk`` so that the three tile
 #: buffers (12 MiB in float32) stay in the last-level cache. 2**20 with chunks of at most 16384 tokens was the
@@ -60,7 +65,10 @@ _TILE = 1 << 20
 _LOG2E = 1.0 / math.log(2.0)
 
 
-def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384) -> Tensor:
+BACKENDS = ("auto", "torch", "triton")
+
+
+def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384, backend: str = "auto") -> Tensor:
     r"""Exact :math:`KL(p \| q)` over the last dimension of two logit tensors of shape ``[..., V]``.
 
     Args:
@@ -68,11 +76,17 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384) -> Ten
         logits_q: unnormalized log-probabilities of q (the reference), same shape, dtype and device.
         chunk_size: at most this many vocabulary entries are processed at once (the vocabulary is cut into
             equal chunks). The extra memory is three tiles of ``block x chunk`` elements of the accumulation dtype,
-            where ``block <= rows`` rows (about ``2**20 / chunk``) are taken at a time.
+            where ``block <= rows`` rows (about ``2**20 / chunk``) are taken at a time. (The torch path only.)
+        backend: ``"torch"`` (the chunked one-pass algorithm above), ``"triton"`` (the fused kernel of
+            :mod:`estimators.vocab_triton`: CUDA, or Triton's CPU interpreter, float32/float16/bfloat16 inputs,
+            no gradient), or ``"auto"``: Triton for CUDA tensors where it is installed and no gradient is
+            needed, else torch. If the kernel fails to launch under ``"auto"``, a warning says why and torch
+            computes the result.
 
     Returns:
         A tensor of shape ``[...]``. It is accumulated and returned in float64 for float64 inputs and in
-        float32 for every other float dtype (so float16 and bfloat16 inputs give a float32 result).
+        float32 for every other float dtype (so float16 and bfloat16 inputs give a float32 result; the Triton
+        kernel keeps its per-row sums in float32, the torch path in float64).
 
     A logit of ``-inf`` is a token of probability zero (a masked or top-k-truncated token): where
     :math:`p_v = 0` the term is 0, and where :math:`p_v > 0` but :math:`q_v = 0` the result is ``+inf``
@@ -82,7 +96,8 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384) -> Ten
     Raises:
         ValueError: naming the argument, for a non-tensor, a non-float dtype, a 0-d tensor, an empty
             vocabulary, mismatched shape, dtype or device, a NaN or ``+inf`` logit, a row whose logits are
-            all ``-inf``, or a ``chunk_size`` that is not a positive integer.
+            all ``-inf``, a ``chunk_size`` that is not a positive integer, an unknown ``backend``, or
+            ``backend="triton"`` where the kernel cannot run.
     """
     for name, value in (("logits_p", logits_p), ("logits_q", logits_q)):
         check_float_tensor(name, value)
@@ -101,11 +116,49 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384) -> Ten
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    grad = torch.is_grad_enabled() and (logits_p.requires_grad or logits_q.requires_grad)
+    if backend == "triton":
+        if grad:
+            raise ValueError("backend='triton' has no backward pass; use backend='auto' or 'torch' for a gradient")
+        if not vocab_triton.available(logits_p):
+            raise ValueError(f"backend='triton' needs Triton and a CUDA tensor of dtype float32, float16 or bfloat16 "
+                             f"(or TRITON_INTERPRET=1 on the CPU), got a {logits_p.dtype} tensor on "
+                             f"{logits_p.device}" + ("" if vocab_triton.triton else " and Triton is not installed"))
     vocab = logits_p.shape[-1]
     chunk = -(-vocab // -(-vocab // chunk_size))           # at most chunk_size, in equal parts
-    if torch.is_grad_enabled() and (logits_p.requires_grad or logits_q.requires_grad):
+    if grad:
         return _TokenKL.apply(logits_p, logits_q, chunk)
+    if backend == "triton" or (backend == "auto" and logits_p.is_cuda and vocab_triton.available(logits_p)):
+        kl = _triton(logits_p, logits_q, chunk, strict=backend == "triton")
+        if kl is not None:
+            return kl
     return _forward(logits_p, logits_q, chunk)[0]
+
+
+def _triton(logits_p: Tensor, logits_q: Tensor, chunk: int, strict: bool) -> Tensor | None:
+    """The fused kernel's result, shape ``[...]``; raises like the torch path on invalid logits. Not strict
+    (``backend="auto"``): None where the rows are not a unit-stride view, or, with a warning, where the
+    kernel fails to launch. Strict: the rows are copied to a contiguous layout if need be."""
+    vocab = logits_p.shape[-1]
+    a, b = _rows(logits_p), _rows(logits_q)
+    if a.dim() != 2 or a.stride(-1) != 1 or b.stride(-1) != 1:
+        if not strict:
+            return None
+        a, b = logits_p.reshape(-1, vocab).contiguous(), logits_q.reshape(-1, vocab).contiguous()
+    try:
+        kl = vocab_triton.token_kl_triton(a, b)
+    except Exception as err:  # a kernel that cannot compile here must not take token_kl down with it
+        if strict:
+            raise
+        warnings.warn(f"token_kl's Triton kernel failed ({type(err).__name__}: {err}); using the torch path",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if bool(kl.isnan().any()):                             # a NaN, +inf or all -inf row: raise its error
+        _check(logits_p, "logits_p", chunk)
+        _check(logits_q, "logits_q", chunk)
+    return kl.reshape(logits_p.shape[:-1])
 
 
 def _forward(logits_p: Tensor, logits_q: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,110 @@
+r"""A fused Triton kernel for the forward pass of :func:`estimators.vocab.token_kl` on a GPU.
+
+One program per row streams the row's two logit vectors once, ``BLOCK`` tokens at a time, and keeps the
+online-softmax state of :mod:`estimators.vocab` in float32 registers: running maxima :math:`m_a, m_b`, the
+sums :math:`s_a = \sum_v e^{a_v - m_a}`, :math:`s_b = \sum_v e^{b_v - m_b}` and
+:math:`t = \sum_v e^{a_v - m_a}\big((a_v - m_a) - (b_v - m_b)\big)`, rescaled when a block raises a maximum, so
+that :math:`KL(p \| q) = t / s_a - \log s_a + \log s_b`. Each logit is read once in its own dtype (bf16, fp16
+or fp32) and nothing but the ``[rows]`` result is written, so the kernel is bound by memory bandwidth.
+
+Semantics are those of the torch path: a ``-inf`` logit of p is a token of probability 0 (its term is 0), a
+``-inf`` logit of q where p's is finite makes the row ``+inf``, and the result is clamped at 0. A row with a NaN
+or ``+inf`` logit, or with all logits ``-inf``, comes back NaN; :func:`~estimators.vocab.token_kl` then raises the
+same ValueError as on the CPU.
+
+Triton is optional: without it (or without a GPU) ``token_kl`` uses torch. With ``TRITON_INTERPRET=1`` set
+before Triton is first imported, ``backend="triton"`` runs the kernel on CPU tensors under Triton's interpreter
+(slowly), which is how the tests check it on a machine without a GPU (``tests/conftest.py`` sets it there).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional; token_kl then always uses its torch path
+    triton = None
+
+__all__ = ["available", "interpreting", "token_kl_triton", "DTYPES"]
+
+#: The input dtypes the kernel reads directly (float64 stays on the torch path, which accumulates in float64).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(logits: Tensor) -> bool:
+    """Whether the kernel can run on ``logits``: Triton is installed, the tensor is on CUDA (or on the CPU
+    while Triton interprets) and its dtype is one of :data:`DTYPES`."""
+    return triton is not None and logits.dtype in DTYPES and (logits.is_cuda or (interpreting() and logits.is_cpu))
+
+
+def _block(vocab: int) -> tuple[int, int]:
+    """(tokens per block, warps): a power of two up to 8192 tokens, 16 KiB of bf16 per operand and block."""
+    block = min(8192, triton.next_power_of_2(vocab))
+    return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
+
+
+def token_kl_triton(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """Per-row KL(softmax(a) ‖ softmax(b)) of two ``[rows, V]`` tensors whose last dimension is contiguous;
+    float32 ``[rows]``. Inputs are assumed checked by ``token_kl`` (same shape, dtype and device)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    rows, vocab = logits_p.shape
+    out = torch.empty(rows, dtype=torch.float32, device=logits_p.device)
+    if rows == 0:
+        return out
+    block, warps = _block(vocab)
+    _kernel[(rows,)](logits_p, logits_q, out, vocab, logits_p.stride(0), logits_q.stride(0),
+                     BLOCK=block, num_warps=warps)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _kernel(a_ptr, b_ptr, out_ptr, vocab, stride_a, stride_b, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        a_row = a_ptr + row * stride_a
+        b_row = b_ptr + row * stride_b
+        neg_inf = float("-inf")
+        zero = tl.zeros((), dtype=tl.float32)
+        m_a, m_b = zero + neg_inf, zero + neg_inf       # running maxima (-inf while every logit so far is)
+        r_a, r_b = zero, zero                           # references: the maxima, or 0 while they are -inf
+        s_a, s_b, t = zero, zero, zero
+        mismatch = tl.zeros((), dtype=tl.int32)         # tokens with q_v = 0 < p_v
+        bad = tl.zeros((), dtype=tl.int32)              # NaN or +inf logits
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inside = offs < vocab
+            a = tl.load(a_row + offs, mask=inside, other=neg_inf).to(tl.float32)
+            b = tl.load(b_row + offs, mask=inside, other=neg_inf).to(tl.float32)
+            bad += tl.sum(((a != a) | (a == -neg_inf) | (b != b) | (b == -neg_inf)).to(tl.int32), axis=0)
+            m_a2 = tl.maximum(m_a, tl.max(a, axis=0))
+            m_b2 = tl.maximum(m_b, tl.max(b, axis=0))
+            r_a2 = tl.where(m_a2 == neg_inf, 0.0, m_a2)
+            r_b2 = tl.where(m_b2 == neg_inf, 0.0, m_b2)
+            alpha_a = tl.exp(m_a - r_a2)                # 0 while the row's logits so far are all -inf
+            alpha_b = tl.exp(m_b - r_b2)
+            t = alpha_a * (t + s_a * ((r_a - r_b) - (r_a2 - r_b2)))
+            s_a = alpha_a * s_a
+            s_b = alpha_b * s_b
+            x = a - r_a2
+            y = b - r_b2
+            ea = tl.exp(x)
+            s_a += tl.sum(ea, axis=0)
+            s_b += tl.sum(tl.exp(y), axis=0)
+            q_zero = (b == neg_inf) & (a != neg_inf)
+            t += tl.sum(tl.where((a == neg_inf) | q_zero, 0.0, ea * (x - y)), axis=0)
+            mismatch += tl.sum(q_zero.to(tl.int32), axis=0)
+            m_a, m_b, r_a, r_b = m_a2, m_b2, r_a2, r_b2
+        kl = tl.maximum(t / s_a - tl.log(s_a) + tl.log(s_b), 0.0)
+        kl = tl.where(mismatch > 0, -neg_inf, kl)
+        invalid = (bad > 0) | (m_a == neg_inf) | (m_b == neg_inf)
+        tl.store(out_ptr + row, tl.where(invalid, float("nan"), kl))
