@@ -9,7 +9,7 @@ from estimators import kl
 from estimators.vocab import token_kl
 from reports.study import StudyConfig, run_study
 
-from reports.throughput import best_of, read_floor, require_device, sample_floor
+from reports.throughput import best_of, read_floor, require_device, sample_floor, vocab_gpu_figures
 
 #: ESTBENCH_ASV_SMOKE=1 (CI's dry run) keeps the small sizes only, so that a broken benchmark fails fast.
 SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"
@@ -131,3 +131,35 @@ class VocabKL:
         return best_of(lambda: token_kl(self.a, self.b)) / read_floor(self.a, self.b)
 
     track_time_over_read_floor.unit = "× floor"
+
+
+class VocabKLGPU:
+    """The issue's GPU target at [16384, 131072] bf16: token_kl's Triton kernel against the card's peak memory
+    bandwidth (target: time ≤ 1/0.85 of reading both tensors at peak), Liger-Kernel's KL forward (target < 1;
+    ``pip install liger-kernel`` beside the suite, else that track is NaN) and log_softmax + kl_div in torch.
+    Skipped without a GPU."""
+
+    timeout = 600
+    shape = (256, 131072) if SMOKE else (16384, 131072)
+
+    def setup_cache(self):
+        return vocab_gpu_figures(*self.shape).set_index("method") if torch.cuda.is_available() else None
+
+    def setup(self, frame):
+        if frame is None:
+            raise NotImplementedError("no CUDA device here")
+
+    def track_time_over_peak_bandwidth(self, frame):
+        return 1 / frame.loc["token_kl (triton)", "of peak bandwidth"]
+
+    track_time_over_peak_bandwidth.unit = "× ideal"
+
+    def track_time_over_liger(self, frame):
+        return frame.loc["token_kl (triton)", "× Liger"]
+
+    track_time_over_liger.unit = "× Liger"
+
+    def track_time_over_torch(self, frame):
+        return frame.loc["token_kl (triton)", "× log_softmax + kl_div"]
+
+    track_time_over_torch.unit = "× torch"

@@ -4,7 +4,9 @@ One program per row streams the row's two logit vectors once, ``BLOCK`` tokens a
 online-softmax state of :mod:`estimators.vocab` in float32 registers: running maxima :math:`m_a, m_b`, the
 sums :math:`s_a = \sum_v e^{a_v - m_a}`, :math:`s_b = \sum_v e^{b_v - m_b}` and
 :math:`t = \sum_v e^{a_v - m_a}\big((a_v - m_a) - (b_v - m_b)\big)`, rescaled when a block raises a maximum, so
-that :math:`KL(p \| q) = t / s_a - \log s_a + \log s_b`. Each logit is read once in its own dtype (bf16, fp16
+that :math:`KL(p \| q) = t / s_a - \log s_a + \log s_b` (computed in base 2: two FMAs and two ``exp2`` per
+token pair, against 4 bytes read in bf16; whether that keeps the kernel at memory bandwidth is what
+``benchmarks/bench_throughput.py::VocabKLGPU`` measures). Each logit is read once in its own dtype (bf16, fp16
 or fp32) and nothing but the ``[rows]`` result is written, so the kernel is bound by memory bandwidth.
 
 Semantics are those of the torch path: a ``-inf`` logit of p is a token of probability 0 (its term is 0), a
@@ -70,13 +72,15 @@ def token_kl_triton(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 if triton is not None:
     @triton.jit
     def _kernel(a_ptr, b_ptr, out_ptr, vocab, stride_a, stride_b, BLOCK: tl.constexpr):
+        # Base 2 throughout, as on the torch path: x = a·log2(e) - r_a is one FMA and 2^x one MUFU op per logit.
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * stride_a
         b_row = b_ptr + row * stride_b
+        log2e: tl.constexpr = 1.4426950408889634
         neg_inf = float("-inf")
         zero = tl.zeros((), dtype=tl.float32)
         m_a, m_b = zero + neg_inf, zero + neg_inf       # running maxima (-inf while every logit so far is)
-        r_a, r_b = zero, zero                           # references: the maxima, or 0 while they are -inf
+        r_a, r_b = zero, zero                           # references m·log2(e), or 0 while the maxima are -inf
         s_a, s_b, t = zero, zero, zero
         mismatch = tl.zeros((), dtype=tl.int32)         # tokens with q_v = 0 < p_v
         bad = tl.zeros((), dtype=tl.int32)              # NaN or +inf logits
@@ -86,25 +90,25 @@ if triton is not None:
             a = tl.load(a_row + offs, mask=inside, other=neg_inf).to(tl.float32)
             b = tl.load(b_row + offs, mask=inside, other=neg_inf).to(tl.float32)
             bad += tl.sum(((a != a) | (a == -neg_inf) | (b != b) | (b == -neg_inf)).to(tl.int32), axis=0)
-            m_a2 = tl.maximum(m_a, tl.max(a, axis=0))
-            m_b2 = tl.maximum(m_b, tl.max(b, axis=0))
-            r_a2 = tl.where(m_a2 == neg_inf, 0.0, m_a2)
-            r_b2 = tl.where(m_b2 == neg_inf, 0.0, m_b2)
-            alpha_a = tl.exp(m_a - r_a2)                # 0 while the row's logits so far are all -inf
-            alpha_b = tl.exp(m_b - r_b2)
+            m_a = tl.maximum(m_a, tl.max(a, axis=0))
+            m_b = tl.maximum(m_b, tl.max(b, axis=0))
+            r_a2 = tl.where(m_a == neg_inf, 0.0, m_a * log2e)
+            r_b2 = tl.where(m_b == neg_inf, 0.0, m_b * log2e)
+            alpha_a = tl.exp2(r_a - r_a2)               # rescale the sums to the new references
+            alpha_b = tl.exp2(r_b - r_b2)
             t = alpha_a * (t + s_a * ((r_a - r_b) - (r_a2 - r_b2)))
             s_a = alpha_a * s_a
             s_b = alpha_b * s_b
-            x = a - r_a2
-            y = b - r_b2
-            ea = tl.exp(x)
+            r_a, r_b = r_a2, r_b2
+            x = a * log2e - r_a
+            y = b * log2e - r_b
+            ea = tl.exp2(x)
             s_a += tl.sum(ea, axis=0)
-            s_b += tl.sum(tl.exp(y), axis=0)
+            s_b += tl.sum(tl.exp2(y), axis=0)
             q_zero = (b == neg_inf) & (a != neg_inf)
             t += tl.sum(tl.where((a == neg_inf) | q_zero, 0.0, ea * (x - y)), axis=0)
             mismatch += tl.sum(q_zero.to(tl.int32), axis=0)
-            m_a, m_b, r_a, r_b = m_a2, m_b2, r_a2, r_b2
-        kl = tl.maximum(t / s_a - tl.log(s_a) + tl.log(s_b), 0.0)
+        kl = tl.maximum((t / s_a - tl.log2(s_a) + tl.log2(s_b)) / log2e, 0.0)
         kl = tl.where(mismatch > 0, -neg_inf, kl)
         invalid = (bad > 0) | (m_a == neg_inf) | (m_b == neg_inf)
         tl.store(out_ptr + row, tl.where(invalid, float("nan"), kl))

@@ -3,6 +3,7 @@ the same process, so that time / floor does not depend on the machine. Used by t
 report's throughput table."""
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -68,3 +69,64 @@ def vocab_throughput(rows: int = 64, vocab: int = 50257, seed: int = 0) -> pd.Da
     return pd.DataFrame([{"method": name, "shape": f"[{rows}, {vocab}]", "ms": 1e3 * t, "× read floor": t / floor}
                          for name, t in (("token_kl", best_of(lambda: token_kl(a, b))),
                                          ("log_softmax + kl_div", best_of(reference)))])
+
+
+#: Peak memory bandwidth (bytes/s) from the vendor's data sheet, for cards whose properties torch does not report.
+SPEC_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
+                  "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12, "A100-PCIE-40GB": 1.555e12}
+
+
+def peak_bandwidth(device: str = "cuda") -> float | None:
+    """The card's peak memory bandwidth in bytes/s: 2 (DDR) × memory clock × bus width where torch reports
+    them, else the data sheet's figure for a known card name (:data:`SPEC_BANDWIDTH`), else None."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8
+    return next((bw for name, bw in SPEC_BANDWIDTH.items() if name in props.name), None)
+
+
+def liger_kl_forward():
+    """Liger-Kernel's KL forward on log-probabilities, ``f(log_q, log_p)`` (its per-row sums, then their sum), or
+    None where ``liger-kernel`` is not installed: it is a benchmark-only comparison (``pip install liger-kernel``)."""
+    try:
+        from liger_kernel.ops.kl_div import kldiv_forward_triton
+    except ImportError:
+        return None
+    return lambda log_q, log_p: kldiv_forward_triton(log_q, log_p, log_target=True, reduction="sum", eps=1e-10)
+
+
+def vocab_gpu_figures(rows: int = 16384, vocab: int = 131072, dtype: torch.dtype = torch.bfloat16,
+                      seed: int = 0, repeat: int = 5) -> pd.DataFrame:
+    """Exact per-token KL from two ``[rows, vocab]`` logit tensors on the GPU: token_kl's Triton kernel and its torch
+    path, against ``log_softmax`` + ``kl_div`` in torch and Liger-Kernel's KL forward (on log-probabilities made
+    beforehand, so Liger is timed on its kernel alone). Per method: ms (best of ``repeat``), GB/s of logits read
+    (2 · rows · vocab · itemsize bytes), the fraction of the card's peak bandwidth, and the time over Liger's and
+    over torch's."""
+    require_device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(rows, vocab, generator=g, device="cuda").to(dtype)
+    b = (a.float() + 0.3 * torch.randn(rows, vocab, generator=g, device="cuda")).to(dtype)
+    methods = {"token_kl (triton)": lambda: token_kl(a, b, backend="triton"),
+               "token_kl (torch)": lambda: token_kl(a, b, backend="torch"),
+               "log_softmax + kl_div": lambda: F.kl_div(F.log_softmax(b.float(), -1), F.log_softmax(a.float(), -1),
+                                                        log_target=True, reduction="none").sum(-1)}
+    liger = liger_kl_forward()
+    if liger is not None:
+        log_p, log_q = F.log_softmax(a.float(), -1).to(dtype), F.log_softmax(b.float(), -1).to(dtype)
+        methods["Liger KL forward"] = lambda: liger(log_q, log_p)
+    seconds = {}
+    for name, fn in methods.items():
+        fn()                                               # compile and warm up outside the timing
+        seconds[name] = best_of(fn, repeat)
+        torch.cuda.empty_cache()
+    read = 2 * rows * vocab * a.element_size()
+    peak = peak_bandwidth()
+    frame = pd.DataFrame({"method": list(seconds), "ms": [1e3 * t for t in seconds.values()]})
+    frame["GB/s"] = read / (frame["ms"] / 1e3) / 1e9
+    frame["of peak bandwidth"] = frame["GB/s"] * 1e9 / peak if peak else np.nan
+    frame["× Liger"] = frame["ms"] / (1e3 * seconds["Liger KL forward"]) if liger else np.nan
+    frame["× log_softmax + kl_div"] = frame["ms"] / (1e3 * seconds["log_softmax + kl_div"])
+    frame.attrs.update(card=torch.cuda.get_device_name(), shape=f"[{rows}, {vocab}] {dtype}",
+                       peak_GBps=peak / 1e9 if peak else None)
+    return frame
