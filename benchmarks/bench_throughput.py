@@ -142,24 +142,21 @@ class VocabKLGPU:
     timeout = 600
     shape = (256, 131072) if SMOKE else (16384, 131072)
 
-    def setup_cache(self):
-        return vocab_gpu_figures(*self.shape).set_index("method") if torch.cuda.is_available() else None
+    def setup(self):
+        require_device("cuda")
+        self.triton = vocab_gpu_figures(*self.shape).set_index("method").loc["token_kl (triton)"]
 
-    def setup(self, frame):
-        if frame is None:
-            raise NotImplementedError("no CUDA device here")
-
-    def track_time_over_peak_bandwidth(self, frame):
-        return 1 / frame.loc["token_kl (triton)", "of peak bandwidth"]
+    def track_time_over_peak_bandwidth(self):
+        return 1 / self.triton["of peak bandwidth"]
 
     track_time_over_peak_bandwidth.unit = "× ideal"
 
-    def track_time_over_liger(self, frame):
-        return frame.loc["token_kl (triton)", "× Liger"]
+    def track_time_over_liger(self):
+        return self.triton["× Liger"]
 
     track_time_over_liger.unit = "× Liger"
 
-    def track_time_over_torch(self, frame):
-        return frame.loc["token_kl (triton)", "× log_softmax + kl_div"]
+    def track_time_over_torch(self):
+        return self.triton["× log_softmax + kl_div"]
 
     track_time_over_torch.unit = "× torch"
