@@ -165,11 +165,14 @@ def _throughput(estimators: list[str], seed: int) -> str:
     lp, lq = draw_log_probs(get_case("gauss-shift-1"), 10 ** 6, chunk_seed(seed, "throughput"))
     est = throughput.estimator_throughput([(e, get_estimator(e).fn) for e in estimators], lp.float(), lq.float())
     vocab = throughput.vocab_throughput()
+    study = throughput.study_throughput(seed=seed)
     return f"""<section id="throughput"><h2>Throughput on this machine</h2>
 <p>Best of three runs, timed in this process. The floor of an estimator is one exp and one log pass over as
-many elements; the floor of the exact vocabulary KL is one read of both logit tensors. Ratios to the floor
-do not depend on the machine; asv tracks them over commits.</p>
+many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the dtype its
+ground-truth models draw in; float32 is shown for reference); the floor of the exact vocabulary KL is one read
+of both logit tensors. Ratios to the floor do not depend on the machine; asv tracks them over commits.</p>
 <div class="table-wrap">{_table(est, "speed left")}</div>
+<div class="table-wrap">{_table(study, "study left")}</div>
 <div class="table-wrap">{_table(vocab, "vocab left")}</div></section>"""
 
 

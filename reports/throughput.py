@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from estimators.vocab import token_kl
 
+from .study import StudyConfig, run_study
+
 
 def best_of(fn, repeat: int = 3) -> float:
     """The best wall time of ``repeat`` calls (seconds), synchronising CUDA."""
@@ -54,6 +56,20 @@ def estimator_throughput(estimators, log_p: torch.Tensor, log_q: torch.Tensor) -
         seconds = best_of(lambda: fn(log_p, log_q))
         rows.append({"estimator": name, "samples": log_p.numel(), "ms": 1e3 * seconds, "× floor": seconds / floor})
     return pd.DataFrame(rows)
+
+
+def study_throughput(replicates: int = 10 ** 4, n: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """A whole study of k1, k2 and k3 on gauss-shift-1 (``replicates`` × ``n`` samples each, every estimator
+    drawing its own) against floors of as many draws + one exp + one log pass, in float64 (the dtype the
+    ground-truth models draw in, the floor that counts) and in float32 (bare torch's cheapest)."""
+    config = StudyConfig(("gauss-shift-1",), ("k1", "k2", "k3"), (n,), replicates, seed)
+    seconds = best_of(lambda: run_study(config, progress=False))
+    samples = 3 * replicates * n
+    floors = {"float64": 3 * sample_floor(replicates * n, dtype=torch.float64),
+              "float32": 3 * sample_floor(replicates * n)}
+    return pd.DataFrame([{"work": f"study of k1, k2, k3 ({replicates} × {n})", "samples": samples, "s": seconds,
+                          "floor": f"{dtype} draws + exp + log", "floor s": floor, "× floor": seconds / floor}
+                         for dtype, floor in floors.items()])
 
 
 def vocab_throughput(rows: int = 64, vocab: int = 50257, seed: int = 0) -> pd.DataFrame:
