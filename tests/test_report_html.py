@@ -39,6 +39,15 @@ def test_sections_in_order(page):
         assert f"<th>{key}</th>" in text and value in text
 
 
+def test_throughput_tables_give_ratios_to_their_floors(page):
+    _, text = page
+    speed = text[text.index('<section id="throughput">'):]
+    speed = speed[:speed.index("</section>")]
+    for needle in ("× floor", "study of k1, k2, k3", "float64 draws + exp + log", "float32 draws + exp + log",
+                   "× read floor", "log_softmax + kl_div"):
+        assert needle in speed
+
+
 def test_images_exist_and_are_png(page):
     path, text = page
     sources = re.findall(r'<img src="([^"]+)"', text)
