@@ -76,6 +76,14 @@ def k1_control_variate(log_p: Tensor, log_q: Tensor) -> Tensor:
     variance-minimising coefficient :math:`\widehat{\operatorname{Cov}}(\log r, r)/\widehat{\operatorname{Var}}(r)`
     computed from the *other* samples, so λ_{-i} is independent of r_i and
     :math:`E[λ_{-i}(r_i - 1)] = E[λ_{-i}]\,E[r_i - 1] = 0`: the estimate stays unbiased wherever k3 is.
+    With :math:`x = \log r`, :math:`y = r - 1`, their deviations :math:`\tilde x, \tilde y` from the means of all
+    n samples and m = n - 1, the other samples' centred sums are exactly
+
+    .. math:: \sum_{j \ne i} (x_j - \bar x_{-i})(y_j - \bar y_{-i}) = \sum_j \tilde x_j \tilde y_j - \tfrac{n}{m}\,\tilde x_i \tilde y_i,
+
+    and likewise for :math:`y` with itself, so every λ_{-i} costs O(1) after a few dot products per row.
+    Where sample i holds more than half of its row's spread in x or y (a ratio far out in the tail), that
+    subtraction would cancel most digits, and the other samples' sums are computed directly instead.
     λ = 1 (k3) where fewer than three samples are given or the other samples' r are all equal.
     Computed in float64 and returned in the input dtype.
     """
@@ -84,15 +92,31 @@ def k1_control_variate(log_p: Tensor, log_q: Tensor) -> Tensor:
     x = lr.double()
     y = torch.expm1(x)  # r - 1, the control variate
     if n < 3:
-        lam = torch.ones_like(x)
-    else:
-        m = n - 1  # leave-one-out sums: total minus own term
-        sx = x.sum(-1, keepdim=True) - x
-        sy = y.sum(-1, keepdim=True) - y
-        sxy = (x * y).sum(-1, keepdim=True) - x * y
-        syy = (y * y).sum(-1, keepdim=True) - y * y
-        cov = sxy - sx * sy / m
-        var = syy - sy * sy / m
-        degenerate = var <= 64 * torch.finfo(torch.float64).eps * syy  # the others' r are all equal
-        lam = torch.where(degenerate, torch.ones_like(var), cov / torch.where(degenerate, torch.ones_like(var), var))
-    return (lam * y - x).to(lr.dtype)
+        return (y - x).to(lr.dtype)
+    drop = -n / (n - 1)
+    xc, yc = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    sxx, sxy, syy = (torch.linalg.vecdot(u, v).unsqueeze(-1) for u, v in ((xc, xc), (xc, yc), (yc, yc)))
+    cov = torch.addcmul(sxy, xc, yc, value=drop)
+    var = torch.addcmul(syy, yc, yc, value=drop)
+    others_yy = torch.addcmul(torch.linalg.vecdot(y, y).unsqueeze(-1), y, y, value=-1.0)  # Σ_{j≠i} y_j²
+    dominant = (var < 0.5 * syy) | (torch.addcmul(sxx, xc, xc, value=drop) < 0.5 * sxx)
+    if bool(dominant.any()):
+        _others_sums_directly(x, y, dominant, cov, var, others_yy)
+    degenerate = var <= 64 * torch.finfo(torch.float64).eps * others_yy  # the others' r all equal
+    lam = cov.div_(var).masked_fill_(degenerate, 1.0)
+    return lam.mul_(y).sub_(x).to(lr.dtype)
+
+
+def _others_sums_directly(x: Tensor, y: Tensor, where: Tensor, cov: Tensor, var: Tensor, others_yy: Tensor) -> None:
+    """At the samples ``where``, overwrite the other samples' centred sums Σ(x-x̄)(y-ȳ) and Σ(y-ȳ)², and their
+    Σy², with values computed from those samples alone (two passes each)."""
+    n = x.shape[-1]
+    where = where.reshape(-1, n)
+    row, i = where.nonzero(as_tuple=True)
+    keep = torch.ones(len(row), n, dtype=torch.bool, device=x.device)
+    keep[torch.arange(len(row), device=x.device), i] = False
+    xo, yo = (t.reshape(-1, n)[row][keep].view(-1, n - 1) for t in (x, y))
+    xd, yd = xo - xo.mean(-1, keepdim=True), yo - yo.mean(-1, keepdim=True)
+    cov.view(-1, n)[where] = torch.linalg.vecdot(xd, yd)
+    var.view(-1, n)[where] = torch.linalg.vecdot(yd, yd)
+    others_yy.view(-1, n)[where] = torch.linalg.vecdot(yo, yo)

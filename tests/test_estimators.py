@@ -226,6 +226,41 @@ def test_k1_control_variate_matches_brute_force_leave_one_out():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_k1_control_variate_falls_back_to_k3_where_the_other_ratios_are_all_equal():
+    """Row 0: every r equal (λ = 1 for all). Row 1: all but the last equal, so only the last sample's
+    others are degenerate; the brute-force λ of the others is a finite regression slope."""
+    log_r = torch.tensor([[0.3] * 5, [0.3] * 4 + [2.0]], dtype=torch.float64)
+    got = kl.k1_control_variate(torch.zeros_like(log_r), log_r)
+    k3 = kl.k3(torch.zeros_like(log_r), log_r)
+    torch.testing.assert_close(got[0], k3[0], rtol=1e-15, atol=0)
+    assert float(got[1, -1]) == pytest.approx(float(k3[1, -1]), rel=1e-15)
+    np.testing.assert_allclose(got[1, :-1].numpy(), _brute_force_loo(log_r.numpy())[1, :-1], rtol=1e-9)
+    assert bool(torch.isfinite(got).all())
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 30.0])
+def test_k1_control_variate_is_accurate_at_every_scale(scale):
+    """Against the brute force over 200 samples: log-ratios of 1e-6 (p ≈ q: centring avoids the cancellation
+    of raw sums) up to 30 (r ≈ 1e13, one sample dominating the sums)."""
+    g = torch.Generator().manual_seed(3)
+    log_r = scale * torch.randn(3, 200, generator=g, dtype=torch.float64)
+    got = kl.k1_control_variate(torch.zeros_like(log_r), log_r)
+    expected = _brute_force_loo(log_r.numpy())
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-7, atol=1e-7 * np.abs(expected).max())
+
+
+def test_k1_control_variate_where_one_ratio_dominates_its_row():
+    """One log-ratio of 60 beside one of 30 (y_max² · eps ≫ the others' Σy²), and one of -700 (r ≈ 0, x
+    dominant): subtracting the dominant sample from the row's sums would leave rounding noise; the leave-one-out
+    λ must still match the brute force, entry by entry."""
+    g = torch.Generator().manual_seed(4)
+    log_r = torch.randn(2, 50, generator=g, dtype=torch.float64)
+    log_r[0, 7], log_r[0, 20], log_r[1, 3] = 60.0, 30.0, -700.0
+    got = kl.k1_control_variate(torch.zeros_like(log_r), log_r).numpy()
+    expected = _brute_force_loo(log_r.numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
 _OK = torch.zeros(4)
 
 
