@@ -48,7 +48,7 @@ def available(logits: Tensor) -> bool:
     return triton is not None and logits.dtype in DTYPES and (logits.is_cuda or (interpreting() and logits.is_cpu))
 
 
-def _block(vocab: int) -> tuple[int, int]:
+def block_and_warps(vocab: int) -> tuple[int, int]:
     """(tokens per block, warps): a power of two up to 8192 tokens, 16 KiB of bf16 per operand and block."""
     block = min(8192, triton.next_power_of_2(vocab))
     return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
@@ -63,52 +63,56 @@ def token_kl_triton(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     out = torch.empty(rows, dtype=torch.float32, device=logits_p.device)
     if rows == 0:
         return out
-    block, warps = _block(vocab)
+    block, warps = block_and_warps(vocab)
     _kernel[(rows,)](logits_p, logits_q, out, vocab, logits_p.stride(0), logits_q.stride(0),
-                     BLOCK=block, num_warps=warps)
+                     BLOCK=block, num_warps=warps, enable_fp_fusion=True)
     return out
 
 
 if triton is not None:
+    _LOG2E = tl.constexpr(1.4426950408889634)
+
     @triton.jit
     def _kernel(a_ptr, b_ptr, out_ptr, vocab, stride_a, stride_b, BLOCK: tl.constexpr):
         # Base 2 throughout, as on the torch path: x = a·log2(e) - r_a is one FMA and 2^x one MUFU op per logit.
-        row = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(0).to(tl.int64)             # row · stride overflows int32 at 16384 × 131072
         a_row = a_ptr + row * stride_a
         b_row = b_ptr + row * stride_b
-        log2e: tl.constexpr = 1.4426950408889634
-        neg_inf = float("-inf")
-        zero = tl.zeros((), dtype=tl.float32)
-        m_a, m_b = zero + neg_inf, zero + neg_inf       # running maxima (-inf while every logit so far is)
-        r_a, r_b = zero, zero                           # references m·log2(e), or 0 while the maxima are -inf
-        s_a, s_b, t = zero, zero, zero
-        mismatch = tl.zeros((), dtype=tl.int32)         # tokens with q_v = 0 < p_v
-        bad = tl.zeros((), dtype=tl.int32)              # NaN or +inf logits
+        m_a = float("-inf")                             # running maxima (-inf while every logit so far is)
+        m_b = float("-inf")
+        r_a = 0.0                                       # references m·log2(e), or 0 while the maxima are -inf
+        r_b = 0.0
+        s_a = 0.0
+        s_b = 0.0
+        t = 0.0
+        mismatch = 0                                    # tokens with q_v = 0 < p_v
+        bad = 0                                         # NaN or +inf logits
         for start in range(0, vocab, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             inside = offs < vocab
-            a = tl.load(a_row + offs, mask=inside, other=neg_inf).to(tl.float32)
-            b = tl.load(b_row + offs, mask=inside, other=neg_inf).to(tl.float32)
-            bad += tl.sum(((a != a) | (a == -neg_inf) | (b != b) | (b == -neg_inf)).to(tl.int32), axis=0)
+            a = tl.load(a_row + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            b = tl.load(b_row + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            bad += tl.sum(((a != a) | (a == float("inf")) | (b != b) | (b == float("inf"))).to(tl.int32), axis=0)
             m_a = tl.maximum(m_a, tl.max(a, axis=0))
             m_b = tl.maximum(m_b, tl.max(b, axis=0))
-            r_a2 = tl.where(m_a == neg_inf, 0.0, m_a * log2e)
-            r_b2 = tl.where(m_b == neg_inf, 0.0, m_b * log2e)
+            r_a2 = tl.where(m_a == float("-inf"), 0.0, m_a * _LOG2E)
+            r_b2 = tl.where(m_b == float("-inf"), 0.0, m_b * _LOG2E)
             alpha_a = tl.exp2(r_a - r_a2)               # rescale the sums to the new references
             alpha_b = tl.exp2(r_b - r_b2)
             t = alpha_a * (t + s_a * ((r_a - r_b) - (r_a2 - r_b2)))
             s_a = alpha_a * s_a
             s_b = alpha_b * s_b
-            r_a, r_b = r_a2, r_b2
-            x = a * log2e - r_a
-            y = b * log2e - r_b
+            r_a = r_a2
+            r_b = r_b2
+            x = a * _LOG2E - r_a
+            y = b * _LOG2E - r_b
             ea = tl.exp2(x)
             s_a += tl.sum(ea, axis=0)
             s_b += tl.sum(tl.exp2(y), axis=0)
-            q_zero = (b == neg_inf) & (a != neg_inf)
-            t += tl.sum(tl.where((a == neg_inf) | q_zero, 0.0, ea * (x - y)), axis=0)
+            q_zero = (b == float("-inf")) & (a != float("-inf"))
+            t += tl.sum(tl.where((a == float("-inf")) | q_zero, 0.0, ea * (x - y)), axis=0)
             mismatch += tl.sum(q_zero.to(tl.int32), axis=0)
-        kl = tl.maximum((t / s_a - tl.log2(s_a) + tl.log2(s_b)) / log2e, 0.0)
-        kl = tl.where(mismatch > 0, -neg_inf, kl)
-        invalid = (bad > 0) | (m_a == neg_inf) | (m_b == neg_inf)
+        kl = tl.maximum((t / s_a - tl.log2(s_a) + tl.log2(s_b)) / _LOG2E, 0.0)
+        kl = tl.where(mismatch > 0, float("inf"), kl)
+        invalid = (bad > 0) | (m_a == float("-inf")) | (m_b == float("-inf"))
         tl.store(out_ptr + row, tl.where(invalid, float("nan"), kl))
