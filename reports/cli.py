@@ -1,4 +1,4 @@
-"""The ``estbench`` command line: ``cases``, ``report``, ``gate`` and ``train``."""
+"""The ``estbench`` command line: ``cases``, ``report``, ``gate``, ``throughput`` and ``train``."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
                       help="cap on samples x event size per case (%(default)s)")
     gate.set_defaults(func=_gate)
 
+    speed = sub.add_parser("throughput", help="time the estimators, a study and the vocabulary KL against their floors")
+    speed.add_argument("--gpu", action="store_true",
+                       help="instead: the exact vocabulary KL on the GPU (Triton kernel, torch, log_softmax + kl_div, "
+                            "Liger-Kernel where installed) in GB/s and against the card's peak bandwidth")
+    speed.add_argument("--rows", type=int, default=16384, help="with --gpu: rows B·T (default: %(default)s)")
+    speed.add_argument("--vocab", type=int, default=131072, help="with --gpu: vocabulary size (default: %(default)s)")
+    speed.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                       help="with --gpu: logit dtype (default: %(default)s)")
+    speed.add_argument("--seed", type=int, default=0)
+    speed.set_defaults(func=_throughput)
+
     train = sub.add_parser("train", help="retrain the reference checkpoints from their seeded recipes")
     train.add_argument("names", nargs="*", metavar="RECIPE", help="recipes to train (default: all)")
     train.add_argument("--out", default=None,
@@ -112,6 +123,29 @@ def _cases(args) -> int:
         case = get_marginal_case(name)
         print(f"{name:28s} log p(x) = {case.log_marginal.value:<10.6g} {case.log_marginal.describe()}")
         print(f"{'':28s} {case.description}")
+    return EXIT_OK
+
+
+def _throughput(args) -> int:
+    import pandas as pd
+    import torch
+
+    from . import throughput
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        if not args.gpu:
+            tables = throughput.throughput_tables([(name, spec.fn) for name, spec in ESTIMATORS.items()
+                                                   if spec.form == "token"], args.seed)
+            for title, frame in tables.items():
+                print(f"{title}:\n{frame.to_string(index=False)}\n")
+            return EXIT_OK
+        if not torch.cuda.is_available():
+            raise UsageError("--gpu needs a CUDA device, and torch sees none")
+        if args.rows < 1 or args.vocab < 1:
+            raise UsageError("--rows and --vocab must be positive")
+        frame = throughput.vocab_gpu_figures(args.rows, args.vocab, getattr(torch, args.dtype), args.seed)
+        print(", ".join(f"{k}: {v}" for k, v in frame.attrs.items()))
+        print(frame.to_string(index=False))
     return EXIT_OK
 
 

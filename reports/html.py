@@ -13,7 +13,7 @@ from reference_models.sequence_cases import get_sequence_case
 
 from . import experiments, figures, throughput
 from .catalog import ESTIMATORS, get_estimator
-from .study import COLUMNS, chunk_seed, draw_log_probs
+from .study import COLUMNS
 
 __all__ = ["write_report"]
 
@@ -161,11 +161,9 @@ def _seed_experiments(fig_dir: Path, first_number: int) -> str:
 
 
 def _throughput(estimators: list[str], seed: int) -> str:
-    """Time per estimator on 10⁶ float32 log-prob pairs, and the vocabulary KL, each against its floor."""
-    lp, lq = draw_log_probs(get_case("gauss-shift-1"), 10 ** 6, chunk_seed(seed, "throughput"))
-    est = throughput.estimator_throughput([(e, get_estimator(e).fn) for e in estimators], lp.float(), lq.float())
-    vocab = throughput.vocab_throughput()
-    study = throughput.study_throughput(seed=seed)
+    """Time per estimator on 10⁶ float32 log-prob pairs, a whole study and the vocabulary KL, each against its floor."""
+    tables = throughput.throughput_tables([(e, get_estimator(e).fn) for e in estimators], seed)
+    est, study, vocab = tables["estimators"], tables["study"], tables["vocabulary KL"]
     return f"""<section id="throughput"><h2>Throughput on this machine</h2>
 <p>Best of three runs, timed in this process. The floor of an estimator is one exp and one log pass over as
 many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the dtype its

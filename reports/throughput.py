@@ -1,6 +1,6 @@
 """Throughput against floors: the cost of the unavoidable work on the same number of elements, timed in
-the same process, so that time / floor does not depend on the machine. Used by the asv suite and by the
-report's throughput table."""
+the same process, so that time / floor does not depend on the machine. Used by the asv suite, the report's
+throughput section and ``estbench throughput``."""
 import time
 
 import numpy as np
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from estimators.vocab import token_kl
+from reference_models import get_case
 
-from .study import StudyConfig, run_study
+from .study import StudyConfig, chunk_seed, draw_log_probs, run_study
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -70,6 +71,14 @@ def study_throughput(replicates: int = 10 ** 4, n: int = 1000, seed: int = 0) ->
     return pd.DataFrame([{"work": f"study of k1, k2, k3 ({replicates} × {n})", "samples": samples, "s": seconds,
                           "floor": f"{dtype} draws + exp + log", "floor s": floor, "× floor": seconds / floor}
                          for dtype, floor in floors.items()])
+
+
+def throughput_tables(estimators, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """The CPU throughput tables of the report and of ``estbench throughput``: each ``(name, fn)`` estimator on
+    10⁶ float32 log-prob pairs of gauss-shift-1, a whole study, and the vocabulary KL, each against its floor."""
+    lp, lq = draw_log_probs(get_case("gauss-shift-1"), 10 ** 6, chunk_seed(seed, "throughput"))
+    return {"estimators": estimator_throughput(estimators, lp.float(), lq.float()),
+            "study": study_throughput(seed=seed), "vocabulary KL": vocab_throughput(seed=seed)}
 
 
 def vocab_throughput(rows: int = 64, vocab: int = 50257, seed: int = 0) -> pd.DataFrame:

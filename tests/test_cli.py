@@ -63,6 +63,22 @@ def test_usage_errors_exit_2(args, message):
     assert message in out.stderr
 
 
+def test_throughput_prints_each_table_against_its_floor():
+    out = estbench("throughput")
+    assert out.returncode == 0, out.stderr
+    for needle in ("estimators:", "study:", "vocabulary KL:", "× floor", "float64 draws + exp + log", "k1_cv",
+                   "log_softmax + kl_div", "× read floor"):
+        assert needle in out.stdout
+    assert "rao_blackwell" not in out.stdout  # sequence-only estimators have no per-token throughput
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_throughput_gpu_without_cuda_is_a_usage_error():
+    out = estbench("throughput", "--gpu")
+    assert out.returncode == 2
+    assert "needs a CUDA device" in out.stderr
+
+
 def test_report_quick_writes_html(tmp_path):
     out = estbench("report", "--quick", "--cases", "gauss-shift-1", "uniform-support", "--out", str(tmp_path / "r"))
     assert out.returncode == 0, out.stderr
