@@ -122,16 +122,16 @@ def liger_kl_forward():
 
 
 def vocab_gpu_figures(rows: int = 16384, vocab: int = 131072, dtype: torch.dtype = torch.bfloat16,
-                      seed: int = 0, repeat: int = 5) -> pd.DataFrame:
+                      seed: int = 0, repeat: int = 5, device: str = "cuda") -> pd.DataFrame:
     """Exact per-token KL from two ``[rows, vocab]`` logit tensors on the GPU: token_kl's Triton kernel and its torch
     path, against ``log_softmax`` + ``kl_div`` in torch and Liger-Kernel's KL forward (on log-probabilities made
     beforehand, so Liger is timed on its kernel alone). Per method: ms (best of ``repeat``), GB/s of logits read
     (2 · rows · vocab · itemsize bytes), the fraction of the card's peak bandwidth, and the time over Liger's and
-    over torch's."""
-    require_device("cuda")
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    a = torch.randn(rows, vocab, generator=g, device="cuda").to(dtype)
-    b = (a.float() + 0.3 * torch.randn(rows, vocab, generator=g, device="cuda")).to(dtype)
+    over torch's. (``device="cpu"`` runs the same table on small shapes under Triton's interpreter: for tests.)"""
+    require_device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    a = torch.randn(rows, vocab, generator=g, device=device).to(dtype)
+    b = (a.float() + 0.3 * torch.randn(rows, vocab, generator=g, device=device)).to(dtype)
     methods = {"token_kl (triton)": lambda: token_kl(a, b, backend="triton"),
                "token_kl (torch)": lambda: token_kl(a, b, backend="torch"),
                "log_softmax + kl_div": lambda: F.kl_div(F.log_softmax(b.float(), -1), F.log_softmax(a.float(), -1),
@@ -151,14 +151,15 @@ def vocab_gpu_figures(rows: int = 16384, vocab: int = 131072, dtype: torch.dtype
             liger = None
             continue
         seconds[name] = best_of(fn, repeat)
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     read = 2 * rows * vocab * a.element_size()
-    peak = peak_bandwidth()
+    peak = peak_bandwidth(device) if device == "cuda" else None
     frame = pd.DataFrame({"method": list(seconds), "ms": [1e3 * t for t in seconds.values()]})
     frame["GB/s"] = read / (frame["ms"] / 1e3) / 1e9
     frame["of peak bandwidth"] = frame["GB/s"] * 1e9 / peak if peak else np.nan
     frame["× Liger"] = frame["ms"] / (1e3 * seconds["Liger KL forward"]) if liger else np.nan
     frame["× log_softmax + kl_div"] = frame["ms"] / (1e3 * seconds["log_softmax + kl_div"])
-    frame.attrs.update(card=torch.cuda.get_device_name(), shape=f"[{rows}, {vocab}] {dtype}",
+    frame.attrs.update(card=torch.cuda.get_device_name(device) if device == "cuda" else device, shape=f"[{rows}, {vocab}] {dtype}",
                        peak_GBps=peak / 1e9 if peak else None, **notes)
     return frame

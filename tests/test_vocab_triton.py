@@ -186,3 +186,27 @@ def test_kernel_compiles_for_an_h100_with_vector_loads_and_two_exp2_per_token():
         assert got["loads"] and set(got["loads"]) == {"ld.global.v4.b32"}, (dtype, got["loads"])
         per_thread = got["block"] // got["threads"]
         assert got["ex2"] == 2 * per_thread + 2, (dtype, got["ex2"])
+
+
+def test_the_gpu_table_has_every_method_and_ratio(monkeypatch):
+    """vocab_gpu_figures on a small shape (on the CPU under the interpreter where there is no GPU), with a
+    stand-in for Liger-Kernel's KL forward, and with one that fails: the table keeps its other rows."""
+    from reports import throughput
+
+    def stand_in(log_q, log_p):  # Liger's forward on log-probabilities: Σ_v p_v (log p_v - log q_v), summed
+        return (log_p.float().exp() * (log_p.float() - log_q.float())).sum()
+
+    monkeypatch.setattr(throughput, "liger_kl_forward", lambda: stand_in)
+    frame = throughput.vocab_gpu_figures(4, 3000, torch.bfloat16, repeat=1, device=DEVICE).set_index("method")
+    assert list(frame.index) == ["token_kl (triton)", "token_kl (torch)", "log_softmax + kl_div", "Liger KL forward"]
+    assert frame.loc["Liger KL forward", "× Liger"] == 1.0
+    assert frame.loc["log_softmax + kl_div", "× log_softmax + kl_div"] == 1.0
+    assert (frame["GB/s"] > 0).all() and frame.attrs["shape"] == "[4, 3000] torch.bfloat16"
+
+    def broken(log_q, log_p):
+        raise TypeError("kldiv_forward_triton() got an unexpected keyword argument 'reduction'")
+
+    monkeypatch.setattr(throughput, "liger_kl_forward", lambda: broken)
+    frame = throughput.vocab_gpu_figures(4, 3000, torch.bfloat16, repeat=1, device=DEVICE)
+    assert "Liger KL forward" not in set(frame["method"]) and frame.attrs["Liger"].startswith("failed, left out")
+    assert frame["× Liger"].isna().all()
