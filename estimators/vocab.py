@@ -53,7 +53,6 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import vocab_triton
 from ._validate import check_float_tensor
 
 __all__ = ["token_kl", "BACKENDS"]
@@ -119,21 +118,23 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384, backen
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     grad = torch.is_grad_enabled() and (logits_p.requires_grad or logits_q.requires_grad)
-    if backend == "triton":
-        if grad:
-            raise ValueError("backend='triton' has no backward pass; use backend='auto' or 'torch' for a gradient")
-        if not vocab_triton.available(logits_p):
-            raise ValueError(f"backend='triton' needs Triton and a CUDA tensor of dtype float32, float16 or bfloat16 "
-                             f"(or TRITON_INTERPRET=1 on the CPU), got a {logits_p.dtype} tensor on "
-                             f"{logits_p.device}" + ("" if vocab_triton.triton else " and Triton is not installed"))
+    if backend == "triton" and grad:
+        raise ValueError("backend='triton' has no backward pass; use backend='auto' or 'torch' for a gradient")
     vocab = logits_p.shape[-1]
     chunk = -(-vocab // -(-vocab // chunk_size))           # at most chunk_size, in equal parts
     if grad:
         return _TokenKL.apply(logits_p, logits_q, chunk)
-    if backend == "triton" or (backend == "auto" and logits_p.is_cuda and vocab_triton.available(logits_p)):
-        kl = _triton(logits_p, logits_q, chunk, strict=backend == "triton")
-        if kl is not None:
-            return kl
+    if backend == "triton" or (backend == "auto" and logits_p.is_cuda):
+        from . import vocab_triton  # imports Triton (~0.2 s), so only where its kernel may run
+
+        if vocab_triton.available(logits_p):
+            kl = _triton(logits_p, logits_q, chunk, strict=backend == "triton")
+            if kl is not None:
+                return kl
+        elif backend == "triton":
+            raise ValueError(f"backend='triton' needs Triton and a CUDA tensor of dtype float32, float16 or bfloat16 "
+                             f"(or TRITON_INTERPRET=1 on the CPU), got a {logits_p.dtype} tensor on "
+                             f"{logits_p.device}" + ("" if vocab_triton.triton else " and Triton is not installed"))
     return _forward(logits_p, logits_q, chunk)[0]
 
 
@@ -141,6 +142,8 @@ def _triton(logits_p: Tensor, logits_q: Tensor, chunk: int, strict: bool) -> Ten
     """The fused kernel's result, shape ``[...]``; raises like the torch path on invalid logits. Not strict
     (``backend="auto"``): None where the rows are not a unit-stride view, or, with a warning, where the
     kernel fails to launch. Strict: the rows are copied to a contiguous layout if need be."""
+    from . import vocab_triton
+
     vocab = logits_p.shape[-1]
     a, b = _rows(logits_p), _rows(logits_q)
     if a.dim() != 2 or a.stride(-1) != 1 or b.stride(-1) != 1:
