@@ -3,13 +3,13 @@ ratios (track_, lower is better) measured against floors in the same process."""
 import os
 
 import torch
-import torch.nn.functional as F
 
 from estimators import kl
 from estimators.vocab import token_kl
 from reports.study import StudyConfig, run_study
 
-from reports.throughput import best_of, read_floor, require_device, study_throughput, vocab_gpu_figures
+from reports.throughput import (best_of, logit_pair, read_floor, require_device, study_throughput,
+                                torch_token_kl, vocab_gpu_figures)
 
 #: ESTBENCH_ASV_SMOKE=1 (CI's dry run) keeps the small sizes only, so that a broken benchmark fails fast.
 SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"
@@ -100,14 +100,10 @@ class VocabKL:
 
     def setup(self, vocab, dtype, device):
         require_device(device)
-        g = torch.Generator(device=device).manual_seed(0)
-        shape = (self.rows, vocab)
-        self.a = torch.randn(shape, generator=g, device=device).to(getattr(torch, dtype))
-        self.b = (self.a.float() + 0.3 * torch.randn(shape, generator=g, device=device)).to(getattr(torch, dtype))
+        self.a, self.b = logit_pair(self.rows, vocab, getattr(torch, dtype), device)
 
     def _torch(self):
-        a, b = self.a.float(), self.b.float()
-        return F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+        return torch_token_kl(self.a, self.b)
 
     def time_token_kl(self, vocab, dtype, device):
         token_kl(self.a, self.b)
