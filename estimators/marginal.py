@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._validate import check_float_tensor
+from ._validate import check_finite, check_float_tensor
 from .diagnostics import pareto_khat
 
 __all__ = ["log_mean_exp", "iwae", "elbo", "log_weights", "marginal_ratio", "effective_sample_size", "weight_khat",
@@ -70,9 +70,7 @@ def log_weights(log_joint: Tensor, log_proposal: Tensor) -> Tensor:
                          f"and {tuple(log_proposal.shape)}")
     if log_joint.dtype != log_proposal.dtype or log_joint.device != log_proposal.device:
         raise ValueError("log_joint and log_proposal must have the same dtype and device")
-    if bool((~torch.isfinite(log_proposal)).any()):
-        raise ValueError("log_proposal contains non-finite values; the proposal's log-density at its own samples "
-                         "must be finite")
+    check_finite("log_proposal", log_proposal, "the proposal's log-density at its own samples must be finite")
     if bool((torch.isnan(log_joint) | (log_joint == math.inf)).any()):
         raise ValueError("log_joint contains NaN or +inf")
     return log_joint - log_proposal
