@@ -27,32 +27,31 @@ the others take :math:`R = ((z_{crit} + z_{power})\,\hat\sigma / (0.5\,|b_L|))^2
 σ̂ and b_L re-estimated after every chunk), so that an excess bias of half log_mean_exp's is caught with
 probability 0.9; ``detectable`` is the excess caught with that probability, in nats.
 **Validity.** A z-test needs a finite variance: a test whose pilot statistic has Pareto k̂ ≥ 0.5 is
-*unverifiable*. A wrong output shape, a non-finite value or an exception is caught outright.
+*unverifiable*. A wrong output shape, a non-finite value, an exception, ``sys.exit``, a hang past the
+timeout or a mutated input is caught outright (``reports.stats``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from scipy import stats
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from estimators import marginal
-from estimators.diagnostics import pareto_khat
-from reference_models.marginal_cases import MarginalCase, get_marginal_case
+from reference_models import case_names, get_case
 
-from .gate import CAUGHT, HOLDS, UNVERIFIABLE, GateResult
-from .study import chunk_seed
+from . import stats
+from .catalog import EstimatorSpec, per_sample_estimates
+from .gate import GateResult
+from .stats import CAUGHT, HOLDS, UNVERIFIABLE, Cell, Chunk, Finding, Moments, Task
 
-__all__ = ["MarginalGateConfig", "MarginalEntry", "MarginalGateResult", "run_marginal_gate", "DEFAULT_CASES",
-           "RANGE_OFFSETS", "HOLDS", "CAUGHT", "UNVERIFIABLE"]
+__all__ = ["MarginalGateConfig", "run_marginal_gate", "RANGE_OFFSETS", "COLUMNS", "HOLDS", "CAUGHT",
+           "UNVERIFIABLE"]
 
-DEFAULT_CASES = ("lognormal-0.5", "lognormal-1")
 RANGE_OFFSETS = (-9999.5, -1234.5, -37.2, 0.0, 987.6)  # off float16's grid: its rounding shows
+COLUMNS = ("estimator", "check", "case", "K", "verdict", "n", "bias", "baseline", "z", "detectable", "khat", "reason")
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -61,7 +60,8 @@ class MarginalGateConfig:
     """``alpha``: false-alarm rate of one run; ``excess`` and ``power``: each cell detects a bias beyond
     log_mean_exp's of ``excess`` × |its bias| with probability ``power``; ``chunk``: replicates per chunk
     (the first is the pilot); ``max_replicates``: the cap per cell; ``tol``: the consistency bound and
-    the range check's tolerance, in nats; ``range_k``: K of the range check's rows."""
+    the range check's tolerance, in nats; ``range_k``: K of the range check's rows; ``timeout``: seconds
+    one call of an estimator may take (None: no limit)."""
 
     seed: int = 0
     alpha: float = 1e-4
@@ -73,60 +73,22 @@ class MarginalGateConfig:
     tol: float = 0.01
     khat_max: float = 0.5
     range_k: int = 10 ** 5
+    timeout: float | None = None
 
     def __post_init__(self):
         if not 0 < self.alpha < 1 or not 0 < self.power < 1:
             raise ValueError(f"alpha and power must be in (0, 1), got {self.alpha} and {self.power}")
         if not self.excess > 0 or not self.tol > 0:
             raise ValueError(f"excess and tol must be positive, got {self.excess} and {self.tol}")
-        if not self.Ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 3 for k in self.Ks):
-            raise ValueError(f"Ks must be ints ≥ 3 (a second-order jackknife needs 3), got {self.Ks!r}")
-        if isinstance(self.range_k, bool) or not isinstance(self.range_k, int) or self.range_k < 8:
-            raise ValueError(f"range_k must be an int ≥ 8, got {self.range_k!r}")
-        if self.chunk < 100 or self.max_replicates < self.chunk:
-            raise ValueError(f"chunk must be ≥ 100 and max_replicates ≥ chunk, got {self.chunk} and "
-                             f"{self.max_replicates}")
-
-
-@dataclass(frozen=True)
-class MarginalEntry:
-    """An estimator to gate: ``fn(log_w[..., K]) -> log p̂[...]``."""
-
-    name: str
-    fn: Callable[[Tensor], Tensor]
-
-
-@dataclass
-class MarginalGateResult(GateResult):
-    """The verdicts of a marginal gate run, one row per check (``caught``/``holds`` as in the KL gate)."""
-
-    config: MarginalGateConfig
-
-    def table(self) -> str:
-        cols = ["estimator", "check", "case", "K", "verdict", "n", "bias", "baseline", "z", "detectable", "khat",
-                "reason"]
-        with pd.option_context("display.max_colwidth", 100, "display.width", 250):
-            return self.frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-class _Caught(Exception):
-    """The estimator failed outright on a chunk (exception, shape, non-finite)."""
-
-
-def _apply(fn, log_w: Tensor) -> Tensor:
-    try:
-        out = fn(log_w)
-    except Exception as err:  # a user's estimator may raise anything: that is a finding, not a crash
-        raise _Caught(f"raised {type(err).__name__}: {err}") from err
-    want = tuple(log_w.shape[:-1])
-    if not isinstance(out, Tensor) or tuple(out.shape) != want:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise _Caught(f"returned {got}, expected one estimate per row, shape {want}")
-    v = out.detach().double().cpu()
-    bad = int((~torch.isfinite(v)).sum())
-    if bad:
-        raise _Caught(f"{bad} non-finite estimates out of {v.numel()}")
-    return v
+        if not self.Ks:
+            raise ValueError("Ks must name at least one K")
+        for k in self.Ks:
+            stats.positive_int("Ks (a second-order jackknife needs 3)", k, 3)
+        stats.positive_int("range_k", self.range_k, 8)
+        stats.positive_int("chunk", self.chunk, 100)
+        stats.positive_int("max_replicates", self.max_replicates, self.chunk)
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be positive or None, got {self.timeout}")
 
 
 def _range_inputs(k: int) -> Tensor:
@@ -138,13 +100,13 @@ def _range_inputs(k: int) -> Tensor:
     return torch.stack([grid + c for c in RANGE_OFFSETS] + [sparse])
 
 
-def _range_row(entry: MarginalEntry, log_w: Tensor, config: MarginalGateConfig) -> dict:
-    row = dict(estimator=entry.name, check="range", case="extreme log-weights", K=config.range_k, n=len(log_w))
+def _range_row(spec: EstimatorSpec, log_w: Tensor, reference: Tensor, config: MarginalGateConfig) -> dict:
+    row = dict(estimator=spec.name, check="range", case="extreme log-weights", K=config.range_k, n=len(log_w))
     try:
-        v = _apply(entry.fn, log_w)
-    except _Caught as err:
+        v = per_sample_estimates(spec, log_w, config.timeout)
+    except Finding as err:
         return {**row, "verdict": CAUGHT, "reason": str(err)}
-    err = (v - marginal.log_mean_exp(log_w)).abs()
+    err = (v - reference).abs()
     worst = int(err.argmax())
     if float(err[worst]) > config.tol:
         where = f"offset {RANGE_OFFSETS[worst]:g}" if worst < len(RANGE_OFFSETS) else "half the weights zero"
@@ -154,121 +116,140 @@ def _range_row(entry: MarginalEntry, log_w: Tensor, config: MarginalGateConfig) 
             "reason": f"finite, within {float(err.max()):.2g} nats of the exact log-mean-exp on every row"}
 
 
-@dataclass
-class _Cell:
-    """Streaming sums of one (estimator, case, K): the three test statistics and the baseline's bias."""
-
-    entry: MarginalEntry
-    chunks: int = 1
-    failure: str = ""
-    khat: dict = field(default_factory=dict)
-    sums: dict = field(default_factory=dict)
-
-    def add(self, log_w: Tensor, base: Tensor, cv: Tensor, log_p: float, pilot: bool) -> None:
-        try:
-            v = _apply(self.entry.fn, log_w)
-        except _Caught as err:
-            self.failure = str(err)
-            return
-        series = {"below": v - base, "above": v + base - 2 * log_p - 2 * cv, "bias": v - log_p - cv,
-                  "baseline": base - log_p - cv}
-        for key, x in series.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(x.sum())
-            self.sums[key + "2"] = self.sums.get(key + "2", 0.0) + float((x * x).sum())
-            if pilot and key != "baseline":
-                spread = float(x.max() - x.min())
-                self.khat[key] = pareto_khat(x, tail="both") if spread > 0 and x.numel() >= 20 else -math.inf
-        self.sums["n"] = self.sums.get("n", 0) + v.numel()
-
-    def mean_se(self, key: str) -> tuple[float, float]:
-        n = self.sums["n"]
-        mean = self.sums[key] / n
-        var = max(self.sums[key + "2"] - n * mean * mean, 0.0) / max(n - 1, 1)
-        return mean, math.sqrt(var / n)
-
-    def plan(self, z_sum: float, config: MarginalGateConfig) -> None:
-        """Replicates for an excess bias of ``excess`` × |b_L| at the stated power, from the spread seen so
-        far (re-planned after every chunk from σ̂ and b̂_L, nuisance parameters, never from the tested means)."""
-        if self.failure:
-            return
-        target = config.excess * abs(self.mean_se("baseline")[0])
-        sd = max(self.mean_se(k)[1] for k in ("below", "above")) * math.sqrt(self.sums["n"])
-        needed = (z_sum * sd / max(target, 1e-300)) ** 2
-        self.chunks = int(min(config.max_replicates // config.chunk, max(1, math.ceil(needed / config.chunk))))
+#: The series a cell streams per replicate, with f the estimate, L = log_mean_exp on the same draws and
+#: δ = Â/p(x) − 1 (mean 0 exactly): f − L (below), f + L − 2 log p − 2δ (above), f − log p − δ (bias) and
+#: L − log p − δ (the baseline's bias).
+_SERIES = ("below", "above", "bias", "baseline")
 
 
-def _test_rows(cell: _Cell, case: MarginalCase, k: int, z_crit: float, z_sum: float, config: MarginalGateConfig,
-               last: bool) -> list[dict]:
-    head = dict(estimator=cell.entry.name, case=case.name, K=k, n=cell.sums.get("n", 0), z_crit=z_crit)
-    checks = ["below", "above"] + (["consistency"] if last else [])
-    if cell.failure:
-        return [{**head, "check": c, "verdict": CAUGHT, "reason": cell.failure} for c in checks]
+def _marginal_chunk(chunk: Chunk, case_name: str, k: int, specs: tuple[EstimatorSpec, ...], timeout: float | None,
+                    pilot: bool) -> list[tuple[Moments | Finding, dict]]:
+    case = get_case(case_name)
     log_p = case.log_marginal.value
-    baseline = cell.mean_se("baseline")[0]
-    round_tol = 1e3 * _EPS * (abs(log_p) + math.log(k) + 1)  # float64 rounding of the log-weights
-    bias = cell.mean_se("bias")[0]
-    rows = []
-    for check in checks:
-        key = "bias" if check == "consistency" else check
-        mean, se = cell.mean_se(key)
-        khat = cell.khat[key]
-        row = {**head, "check": check, "bias": bias, "baseline": baseline, "khat": khat,
-               "detectable": z_sum * se}
-        if check == "consistency":
-            excess = abs(mean) - config.tol
-            z = excess / se if se > 0 else (math.inf if excess > 0 else 0.0)
-        else:
-            z = 0.0 if abs(mean) <= round_tol else (mean / se if se > 0 else math.copysign(math.inf, mean))
+    log_w = case.draw_log_w((chunk.size,), k, chunk.generator())
+    base = marginal.log_mean_exp(log_w)
+    cv = marginal.marginal_ratio(log_w, log_p) - 1
+    out = []
+    for spec in specs:
+        try:
+            v = per_sample_estimates(spec, log_w, timeout)
+        except Finding as finding:
+            out.append((finding, {}))
+            continue
+        series = dict(below=v - base, above=v + base - 2 * log_p - 2 * cv, bias=v - log_p - cv,
+                      baseline=base - log_p - cv)
+        khat = {key: stats.tail_khat(series[key]) for key in _SERIES[:3]} if pilot else {}
+        out.append((Moments.of(**series), khat))
+    return out
+
+
+@dataclass
+class _MarginalCell(Cell):
+    spec: EstimatorSpec = None
+    chunks: int = 1
+
+
+class _CaseKJob:
+    """Every estimator's cell on one (case, K): draws shared, replicates re-planned after every chunk from
+    σ̂ and b̂_L (nuisance parameters, never from the tested means)."""
+
+    def __init__(self, case, k: int, specs: list[EstimatorSpec], config: MarginalGateConfig, z_crit: float,
+                 z_power: float):
+        self.case, self.k, self.config, self.z_crit, self.z_power = case, k, config, z_crit, z_power
+        self.last = k == max(config.Ks)
+        self.cells = [_MarginalCell(spec=s) for s in specs]
+        self._running: list[_MarginalCell] = []
+
+    def task(self, index: int) -> Task | None:
+        self._running = [c for c in self.cells if c.open and c.chunks > index]
+        if not self._running:
+            return None
+        return Task(_marginal_chunk, Chunk((self.config.seed, "marginal-gate", self.case.name, self.k), index,
+                                           self.config.chunk),
+                    (self.case.name, self.k, tuple(c.spec for c in self._running), self.config.timeout, index == 0))
+
+    def absorb(self, index: int, result) -> None:
+        for cell, (outcome, khat) in zip(self._running, result):
+            cell.take(outcome)
+            cell.khat.update(khat)
+            if not cell.open:
+                continue
+            self._plan(cell)
+            if index == 0:
+                first_look = {r["verdict"] for r in self._rows(cell)}
+                if CAUGHT in first_look or first_look == {UNVERIFIABLE}:
+                    cell.chunks = 1  # decided at the first look
+
+    def _plan(self, cell: _MarginalCell) -> None:
+        """Replicates for an excess bias of ``excess`` × |b_L| at the stated power."""
+        m, config = cell.moments, self.config
+        sd = max(m.se(key) for key in ("below", "above")) * math.sqrt(m.n)
+        needed = stats.required_n(sd, config.excess * abs(m.mean_of("baseline")), self.z_crit, self.z_power)
+        cell.chunks = int(min(config.max_replicates // config.chunk, max(1, math.ceil(needed / config.chunk))))
+
+    def rows(self) -> list[dict]:
+        return [row for cell in self.cells for row in self._rows(cell)]
+
+    def _rows(self, cell: _MarginalCell) -> list[dict]:
+        m = cell.moments
+        head = dict(estimator=cell.spec.name, case=self.case.name, K=self.k, n=m.n if m else 0, z_crit=self.z_crit)
+        checks = ["below", "above"] + (["consistency"] if self.last else [])
+        if cell.verdict == CAUGHT:
+            return [{**head, "check": c, "verdict": CAUGHT, "reason": cell.reason} for c in checks]
+        log_p = self.case.log_marginal.value
+        baseline, bias = m.mean_of("baseline"), m.mean_of("bias")
+        round_tol = 1e3 * _EPS * (abs(log_p) + math.log(self.k) + 1)  # float64 rounding of the log-weights
+        rows = []
+        for check in checks:
+            key = "bias" if check == "consistency" else check
+            mean, se = m.mean_of(key), m.se(key)
+            khat = cell.khat[key]
+            if check == "consistency":
+                excess = abs(mean) - self.config.tol
+                z = excess / se if se > 0 else (math.inf if excess > 0 else 0.0)
+            else:
+                z = stats.z_score(mean, 0.0, se, tol=round_tol)
+            verdict, reason = self._judge(check, z, mean, bias, baseline, khat)
+            rows.append({**head, "check": check, "bias": bias, "baseline": baseline, "khat": khat,
+                         "detectable": stats.detectable(se, self.z_crit, self.z_power), "z": z, "verdict": verdict,
+                         "reason": reason})
+        return rows
+
+    def _judge(self, check: str, z: float, mean: float, bias: float, baseline: float, khat: float) -> tuple[str, str]:
+        z_crit, config = self.z_crit, self.config
         bad = z < -z_crit if check == "below" else z > z_crit
         if khat >= config.khat_max:
-            verdict, reason = UNVERIFIABLE, (f"tail too heavy: Pareto k̂ = {khat:.2f} ≥ {config.khat_max}, the "
-                                             "variance is likely infinite and a z-test meaningless")
-        elif not bad:
-            verdict, reason = HOLDS, (f"z = {z:+.2f} ≥ −{z_crit:.2f}" if check == "below" else
-                                      f"z = {z:+.2f} ≤ {z_crit:.2f}")
-        elif check == "below":
-            verdict, reason = CAUGHT, (f"more biased downwards than log_mean_exp: by {mean:+.4g} nats on the same "
-                                       f"draws (its bias {bias:+.4g}, log_mean_exp's {baseline:+.4g}), z = {z:.1f}")
-        elif check == "above":
-            verdict, reason = CAUGHT, (f"biased upwards by more than log_mean_exp's |bias|: {bias:+.4g} > "
-                                       f"{-baseline:.4g} nats, z = {z:.1f}")
-        else:
-            verdict, reason = CAUGHT, f"|bias| = {abs(bias):.4g} > {config.tol} nats at K = {k}, z = {z:.1f}"
-        rows.append({**row, "z": z, "verdict": verdict, "reason": reason})
-    return rows
+            return UNVERIFIABLE, (f"tail too heavy: Pareto k̂ = {khat:.2f} ≥ {config.khat_max}, the variance is "
+                                  "likely infinite and a z-test meaningless")
+        if not bad:
+            return HOLDS, f"z = {z:+.2f} ≥ −{z_crit:.2f}" if check == "below" else f"z = {z:+.2f} ≤ {z_crit:.2f}"
+        if check == "below":
+            return CAUGHT, (f"more biased downwards than log_mean_exp: by {mean:+.4g} nats on the same draws (its "
+                            f"bias {bias:+.4g}, log_mean_exp's {baseline:+.4g}), z = {z:.1f}")
+        if check == "above":
+            return CAUGHT, (f"biased upwards by more than log_mean_exp's |bias|: {bias:+.4g} > {-baseline:.4g} nats, "
+                            f"z = {z:.1f}")
+        return CAUGHT, f"|bias| = {abs(bias):.4g} > {config.tol} nats at K = {self.k}, z = {z:.1f}"
 
 
-def run_marginal_gate(entries: list[MarginalEntry], cases: list[str] | None = None,
-                      config: MarginalGateConfig = MarginalGateConfig(), progress: bool = False) -> MarginalGateResult:
-    """Gate every entry: the range check, then the bias checks on every case (default :data:`DEFAULT_CASES`)
-    and every K of ``config``, all cells of one (case, K) sharing their draws."""
-    if not entries:
-        raise ValueError("entries must hold at least one estimator")
-    built = [get_marginal_case(c) for c in (cases or DEFAULT_CASES)]
-    m = len(entries) * len(built) * (2 * len(config.Ks) + 1)
-    z_crit = float(stats.norm.isf(config.alpha / (2 * m)))  # two looks per test
-    z_sum = z_crit + float(stats.norm.isf(1 - config.power))
+def run_marginal_gate(specs: list[EstimatorSpec], cases: list[str] | None = None,
+                      config: MarginalGateConfig = MarginalGateConfig(), progress: bool = False,
+                      executor: stats.Executor | None = None) -> GateResult:
+    """Gate every estimator ``f(log_w[..., K]) -> log p̂[...]``: the range check, then the bias checks on
+    every case (default: the cases tagged "gate") and every K of ``config``, all cells of one (case, K)
+    sharing their draws."""
+    if not specs:
+        raise ValueError("specs must hold at least one estimator")
+    built = [get_case(c) for c in (cases or case_names(kind="marginal", tag="gate"))]
+    tests = len(specs) * len(built) * (2 * len(config.Ks) + 1)
+    z_crit = stats.critical_z(config.alpha, tests, sides=1, looks=2)
+    z_power = stats.power_z(config.power)
     extreme = _range_inputs(config.range_k)
-    rows = [_range_row(e, extreme, config) for e in entries]
-    for case in tqdm(built, desc="marginal gate", unit="case", disable=not progress):
-        log_p = case.log_marginal.value
-        for k in config.Ks:
-            last = k == max(config.Ks)
-            cells = [_Cell(e) for e in entries]
-            live, i = cells, 0
-            while live:
-                g = torch.Generator().manual_seed(chunk_seed(config.seed, "marginal-gate", case.name, k, i))
-                log_w = case.draw_log_w((config.chunk,), k, g)
-                base = marginal.log_mean_exp(log_w)
-                cv = marginal.marginal_ratio(log_w, log_p) - 1
-                for cell in live:
-                    cell.add(log_w, base, cv, log_p, pilot=(i == 0))
-                    cell.plan(z_sum, config)
-                    if i == 0:
-                        first_look = {r["verdict"] for r in _test_rows(cell, case, k, z_crit, z_sum, config, last)}
-                        if CAUGHT in first_look or first_look == {UNVERIFIABLE}:
-                            cell.chunks = 1  # decided at the first look
-                i += 1
-                live = [c for c in live if not c.failure and c.chunks > i]
-            rows += [r for c in cells for r in _test_rows(c, case, k, z_crit, z_sum, config, last)]
-    return MarginalGateResult(pd.DataFrame(rows), config)
+    reference = marginal.log_mean_exp(extreme)  # before any user call: no mutation can move it
+    rows = [_range_row(s, extreme, reference, config) for s in specs]
+    jobs = [_CaseKJob(case, k, specs, config, z_crit, z_power) for case in built for k in config.Ks]
+    stats.run_jobs(jobs, executor, desc="marginal gate", progress=progress)
+    frame = pd.DataFrame(rows + [row for job in jobs for row in job.rows()])
+    frame.attrs.update(tests=tests, test_unit="one-sided z-tests, two looks each",
+                       rule=f"z beyond {z_crit:.2f} on the tested side is caught")
+    return GateResult(frame, config, COLUMNS)

@@ -1,14 +1,21 @@
-"""Studies: run each (case, estimator, n) many times against the exact truth, into a tidy frame.
+r"""Studies: run each (case, estimator, size) many times against the exact truth, into a tidy frame.
 
-A study is vectorized over replicates: samples are drawn as one tensor of shape [replicates, n] per
-chunk, and the estimator is applied to the whole chunk. Chunks are cut by a rule that depends only on
-n and the event size, and each is seeded from (seed, case, estimator, n, chunk), so that any executor,
-one process or a cluster, gives identical numbers for the same seed.
+A study is vectorized over replicates: a chunk of replicates is drawn as one tensor ([replicates, n]
+samples of a KL case, [replicates, K] log-weights of a marginal case) and the estimator is applied to the
+whole chunk. Chunks hold at most :data:`CHUNK_ELEMENTS` draws × event elements, cut by a rule that depends
+only on the cell, and each is seeded from (seed, case, estimator, size, chunk) (``reports.stats``), so that
+any executor, one process or a cluster, gives identical numbers for the same seed.
+
+KL and sequence cases give the columns :data:`COLUMNS`; marginal cases, whose size is the number K of
+importance weights per estimate, give :data:`MARGINAL_COLUMNS`: besides the plain bias, ``bias_cv`` is the
+mean of :math:`\hat\ell - (\hat A/p(x) - 1)` minus log p(x), unbiased for the same bias because
+:math:`E[\hat A/p(x)] = 1` exactly, and far less noisy for a consistent estimator, whose error is
+:math:`\delta - \delta^2/2 + \dots` with :math:`\delta = \hat A/p(x) - 1`: its standard error is
+:math:`O(\mu_2/(K\sqrt R))` against :math:`O(\sqrt{\mu_2/(KR)})`, so a bias of order 1/K is measured to a
+fixed relative precision with the same R at every K.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,25 +23,33 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
-from reference_models import KLCase, get_case
-from reference_models.sequence_cases import SequenceKLCase, get_sequence_case, sequence_case_names
+from estimators import marginal
+from reference_models import get_case
 
+from . import stats
+from .cache import CellCache, fingerprint
 from .catalog import EstimatorSpec, get_estimator, per_sample_estimates
+from .stats import Chunk, Task
 
-__all__ = ["StudyConfig", "chunk_seed", "draw_log_probs", "draw", "any_case", "run_study", "COLUMNS"]
+__all__ = ["StudyConfig", "run_study", "COLUMNS", "MARGINAL_COLUMNS", "CHUNK_ELEMENTS", "DEFAULT_KS"]
 
-#: Samples × event elements per chunk; fixed so that chunking never changes the numbers.
+#: Draws × event elements per chunk; fixed so that chunking never changes the numbers.
 CHUNK_ELEMENTS = 2 ** 21
+DEFAULT_KS = tuple(2 ** i for i in range(13)) + (10 ** 4,)
 
 COLUMNS = ["case", "estimator", "n", "replicates", "seed", "truth", "truth_method", "expected", "mean", "bias",
            "bias_se", "rel_bias", "var", "rsd", "rmse", "frac_negative", "nonfinite", "breaks"]
+MARGINAL_COLUMNS = ["case", "estimator", "K", "replicates", "seed", "truth", "truth_method", "mean", "bias",
+                    "bias_se", "bias_cv", "bias_cv_se", "var", "rmse", "theory_first", "theory_second", "khat", "ess",
+                    "nonfinite"]
 
 
 @dataclass(frozen=True)
 class StudyConfig:
+    """Every (case, estimator, n) of the named cases and estimators, ``replicates`` estimates each; on a
+    marginal case n is K, the number of importance weights per estimate."""
+
     cases: tuple[str, ...]
     estimators: tuple[str, ...]
     ns: tuple[int, ...] = (10, 100, 1000)
@@ -48,136 +63,153 @@ class StudyConfig:
             raise ValueError("estimators must name at least one estimator")
         for e in self.estimators:
             get_estimator(e)
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ns) or not self.ns:
-            raise ValueError(f"ns must be positive ints, got {self.ns!r}")
-        if isinstance(self.replicates, bool) or not isinstance(self.replicates, int) or self.replicates < 2:
-            raise ValueError(f"replicates must be an int ≥ 2, got {self.replicates!r}")
+        if not self.ns:
+            raise ValueError("ns must name at least one size")
+        for n in self.ns:
+            stats.positive_int("ns", n)
+        stats.positive_int("replicates", self.replicates, 2)
 
 
-def chunk_seed(*parts) -> int:
-    """A stable 63-bit seed from any printable parts (independent of Python's hash randomization)."""
-    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+def _kl_chunk(chunk: Chunk, case_name: str, spec: EstimatorSpec, n: int) -> tuple[torch.Tensor, int, int]:
+    """Replicate means of one chunk, the count of negative estimates, and of non-finite ones."""
+    case = get_case(case_name)
+    reps = chunk.size
+    sample = case.draw(reps * n, chunk.generator(case.device))
+    if case.kind == "kl":  # the estimator sees [replicates, n]: its samples lie along the last dim
+        sample = type(sample)(*(t.reshape(reps, n) for t in sample))
+    est = per_sample_estimates(spec, sample, finite=False).reshape(reps, n)
+    means = est.mean(-1)
+    nonfinite = 0 if bool(torch.isfinite(means).all()) else int((~torch.isfinite(est)).sum())
+    return means, int(torch.count_nonzero(est < 0)), nonfinite
 
 
-def draw_log_probs(case: KLCase, size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``size`` samples x ~ p from a generator seeded with ``seed``; returns (log p(x), log q(x))."""
-    g = torch.Generator(device=case.p.device).manual_seed(seed)
-    x = case.p.sample(size, generator=g)
-    return case.p.log_prob(x), case.q.log_prob(x)
+def _marginal_chunk(chunk: Chunk, case_name: str, spec: EstimatorSpec, k: int) -> tuple:
+    """Estimates, Â/p(x) and Kish's ESS of each replicate, and (first chunk, K ≥ 64: below, fewer than 10
+    values in the tail fit) the weights' Pareto k̂ of the first replicate, what a user sees for one estimate."""
+    case = get_case(case_name)
+    log_w = case.draw_log_w((chunk.size,), k, chunk.generator())
+    truth = case.log_marginal.value
+    khat = marginal.weight_khat(log_w[0]) if chunk.index == 0 and k >= 64 else math.nan
+    return (per_sample_estimates(spec, log_w, finite=False), marginal.marginal_ratio(log_w, truth),
+            marginal.effective_sample_size(log_w), khat)
 
 
-def draw(case: KLCase, size: int, seed: int, dtype: torch.dtype | None = None):
-    """``size`` samples from p: (log p(x), log q(x)) on a KL case, a SequenceSample on a sequence case
-    (in ``dtype``, float64 by default)."""
-    if isinstance(case, SequenceKLCase):
-        return case.draw(size, torch.Generator().manual_seed(seed), dtype=dtype or torch.float64)
-    lp, lq = draw_log_probs(case, size, seed)
-    return (lp, lq) if dtype is None else (lp.to(dtype), lq.to(dtype))
+class _Cell:
+    """One (case, estimator, n) of a study: its chunks, then its row."""
+
+    def __init__(self, case, spec: EstimatorSpec, n: int, replicates: int, seed: int, cache: CellCache | None):
+        self.case, self.spec, self.n, self.replicates, self.seed, self.cache = case, spec, n, replicates, seed, cache
+        per_chunk = CHUNK_ELEMENTS // (n if case.kind == "marginal" else n * case.event_numel)
+        self.sizes = stats.chunk_sizes(replicates, per_chunk)
+        self.results: list = []
+        self.row: dict | None = cache.load(self.key(), self.label()) if cache is not None else None
+
+    def task(self, index: int) -> Task | None:
+        if self.row is not None or index >= len(self.sizes):
+            return None
+        work = _marginal_chunk if self.case.kind == "marginal" else _kl_chunk
+        return Task(work, Chunk((self.seed, self.case.name, self.spec.name, self.n), index, self.sizes[index]),
+                    (self.case.name, self.spec, self.n))
+
+    def absorb(self, index: int, result) -> None:
+        """Take chunk ``index``; after the last one, make the row and store it at once (so that an interrupted
+        study keeps it)."""
+        self.results.append(result)
+        if index == len(self.sizes) - 1:
+            self.row = self._marginal_row() if self.case.kind == "marginal" else self._kl_row()
+            if self.cache is not None:
+                self.cache.store(self.key(), self.label(), self.row)
+
+    def _kl_row(self) -> dict:
+        case, spec, n, replicates = self.case, self.spec, self.n, self.replicates
+        m = torch.cat([r[0] for r in self.results]).numpy()
+        truth, expected = spec.target_value(case), spec.expected(case)
+        mean, var_of_mean = float(m.mean()), float(m.var(ddof=1))
+        return dict(
+            case=case.name, estimator=spec.name, n=n, replicates=replicates, seed=self.seed, truth=truth,
+            truth_method=spec.target_truth(case).describe(),
+            expected=np.nan if expected is None else expected, mean=mean, bias=mean - truth,
+            bias_se=math.sqrt(var_of_mean / replicates), rel_bias=(mean - truth) / abs(truth),
+            var=n * var_of_mean, rsd=math.sqrt(n * var_of_mean) / abs(truth),
+            rmse=float(np.sqrt(np.mean((m - truth) ** 2))),
+            frac_negative=sum(r[1] for r in self.results) / (n * replicates),
+            nonfinite=sum(r[2] for r in self.results), breaks="; ".join(case.breaks if spec.uses_ratio else ()))
+
+    def _marginal_row(self) -> dict:
+        case, spec, k, replicates = self.case, self.spec, self.n, self.replicates
+        v, ratio, ess = (torch.cat([r[i] for r in self.results]).numpy() for i in range(3))
+        truth = case.log_marginal.value
+        cv = v - (ratio - 1)
+        theory = spec.theory(case, k) if spec.theory is not None else None
+        first, second = theory if theory is not None else (math.nan, math.nan)
+        return dict(
+            case=case.name, estimator=spec.name, K=k, replicates=replicates, seed=self.seed, truth=truth,
+            truth_method=case.log_marginal.describe(), mean=float(v.mean()), bias=float(v.mean() - truth),
+            bias_se=float(v.std(ddof=1) / math.sqrt(replicates)), bias_cv=float(cv.mean() - truth),
+            bias_cv_se=float(cv.std(ddof=1) / math.sqrt(replicates)), var=float(v.var(ddof=1)),
+            rmse=float(np.sqrt(np.mean((v - truth) ** 2))), theory_first=first, theory_second=second,
+            khat=self.results[0][3], ess=float(ess.mean()), nonfinite=int((~np.isfinite(v)).sum()))
+
+    def key(self) -> str:
+        """Everything the row depends on: the estimator (its code), the case, the size, replicates and seed."""
+        return fingerprint(self.spec, self.case.name, self.case.description, self.n, self.replicates, self.seed,
+                           CHUNK_ELEMENTS)
+
+    def label(self) -> str:
+        return f"{self.case.name}__{self.spec.name}__n{self.n}__r{self.replicates}__s{self.seed}"
 
 
-def any_case(name: str) -> KLCase:
-    """A KL case or a sequence case by name."""
-    return get_sequence_case(name) if name in sequence_case_names() else get_case(name)
+def _skip_reason(case, spec: EstimatorSpec) -> str | None:
+    if not spec.applies(case):
+        if case.kind == "sequence":
+            return "it mixes the samples of one estimate"
+        return "sequences only" if case.kind == "kl" else f"a {spec.form}-form estimator does not apply to a {case.kind} case"
+    target = spec.target_truth(case)
+    if not target.finite:
+        return f"its target {spec.target} is infinite ({target.note})"
+    return None
 
 
-def _chunks(case: KLCase, n: int, replicates: int) -> list[int]:
-    per_chunk = max(1, CHUNK_ELEMENTS // (n * case.event_numel))
-    full, rest = divmod(replicates, per_chunk)
-    return [per_chunk] * full + ([rest] if rest else [])
+def run_study(config: StudyConfig, progress: bool = True, cache_dir: str | Path | None = None,
+              executor: stats.Executor | None = None) -> pd.DataFrame:
+    """Run every (case, estimator, n) of ``config``; one row each, columns :data:`COLUMNS` (or
+    :data:`MARGINAL_COLUMNS` when every case is a marginal one).
 
-
-def _run_cell(case: KLCase, spec: EstimatorSpec, n: int, replicates: int, seed: int, bar) -> dict:
-    means, negative, nonfinite = [], 0, 0
-    for i, reps in enumerate(_chunks(case, n, replicates)):
-        sample = draw(case, reps * n, chunk_seed(seed, case.name, spec.name, n, i))
-        if isinstance(sample, tuple):  # the estimator sees [replicates, n]: its samples lie along the last dim
-            sample = tuple(t.reshape(reps, n) for t in sample)
-        est = per_sample_estimates(spec.fn, spec.form, sample).double().reshape(reps, n)
-        means.append(est.mean(-1))
-        negative += int(torch.count_nonzero(est < 0))
-        if not bool(torch.isfinite(means[-1]).all()):  # finite float64 means prove every estimate finite
-            nonfinite += int((~torch.isfinite(est)).sum())
-        bar.update(1)
-    m = torch.cat(means).numpy()
-    truth = spec.target_value(case)
-    mean = float(m.mean())
-    var_of_mean = float(m.var(ddof=1))
-    expected = spec.expected(case)
-    breaks = {k: v for k, v in case.breaks.items() if spec.uses_ratio}
-    return dict(
-        case=case.name, estimator=spec.name, n=n, replicates=replicates, seed=seed, truth=truth,
-        truth_method=getattr(case.moments, spec.target).describe(),
-        expected=np.nan if expected is None else expected, mean=mean, bias=mean - truth,
-        bias_se=math.sqrt(var_of_mean / replicates), rel_bias=(mean - truth) / abs(truth),
-        var=n * var_of_mean, rsd=math.sqrt(n * var_of_mean) / abs(truth),
-        rmse=float(np.sqrt(np.mean((m - truth) ** 2))), frac_negative=negative / (n * replicates),
-        nonfinite=nonfinite, breaks="; ".join(breaks))
-
-
-def _release() -> str:
-    """The installed estbench version, part of the cache key so that a new release recomputes."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("estbench")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _cell_file(cache_dir: Path, release: str, case: str, estimator: str, n: int, replicates: int,
-               seed: int) -> Path:
-    key = chunk_seed(release, case, estimator, n, replicates, seed)
-    return cache_dir / f"{case}__{estimator}__n{n}__r{replicates}__s{seed}__{key:016x}.json"
-
-
-def run_study(config: StudyConfig, progress: bool = True, cache_dir: str | Path | None = None) -> pd.DataFrame:
-    """Run every (case, estimator, n) of ``config``; one row each, columns :data:`COLUMNS`.
-
-    With ``cache_dir``, each finished cell is written there as JSON and a rerun loads it instead of
-    recomputing it, so an interrupted study resumes where it stopped (the numbers are the same either way:
-    every chunk is seeded). The cache key holds the installed estbench version.
+    With ``cache_dir``, each finished cell is written there (``reports.cache``: keyed by a fingerprint of
+    the estimator's code, the case, the configuration and the package, with a checksum) and a rerun loads it
+    instead of recomputing it, so an interrupted study resumes where it stopped (the numbers are the same
+    either way: every chunk is seeded).
 
     ``var`` is n × the variance of the replicate means (the per-sample variance for i.i.d. estimators,
     and the honest equivalent for the leave-one-out control variate); ``rsd = √var / |truth|``;
-    ``bias_se`` is the standard error of ``bias``. Cells whose target is infinite (the reverse KL on a
-    support mismatch) are skipped and listed in ``frame.attrs["skipped"]``.
+    ``bias_se`` is the standard error of ``bias``. On a marginal case ``var`` is the variance of one
+    estimate over replicates; ``theory_second`` the prediction to second order, NaN where the case lacks
+    the moments; ``khat`` the Pareto k̂ of the first replicate's K weights (NaN for K < 64); ``ess`` the
+    mean Kish effective sample size. Cells that cannot run (a form that does not apply, an infinite target,
+    K below an estimator's minimum) are listed in ``frame.attrs["skipped"]``.
     """
-    cases = [any_case(c) for c in config.cases]
+    cases = [get_case(c) for c in config.cases]
+    kinds = {case.kind == "marginal" for case in cases}
+    if len(kinds) > 1:
+        raise ValueError("a study runs either marginal cases or KL and sequence cases, not both")
     specs = [get_estimator(e) for e in config.estimators]
+    cache = CellCache(cache_dir) if cache_dir is not None else None
     cells, skipped = [], []
     for case in cases:
         for spec in specs:
-            target = getattr(case.moments, spec.target)
-            if not spec.applies(case):
-                why = "it mixes the samples of one estimate" if isinstance(case, SequenceKLCase) else "sequences only"
+            why = _skip_reason(case, spec)
+            if why is not None:
                 skipped.append(f"{spec.name} on {case.name}: {why}")
                 continue
-            if not target.finite:
-                skipped.append(f"{spec.name} on {case.name}: its target {spec.target} is infinite ({target.note})")
-                continue
-            cells += [(case, spec, n) for n in config.ns]
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-    release = _release() if cache else None
-    files = [_cell_file(cache, release, case.name, spec.name, n, config.replicates, config.seed) if cache else None
-             for case, spec, n in cells]
-    todo = [cell for cell, f in zip(cells, files) if f is None or not f.exists()]
-    total = sum(len(_chunks(case, n, config.replicates)) for case, _, n in todo)
-    rows = []
-    with tqdm(total=total, desc="study", unit="chunk", disable=not progress) as bar:
-        for (case, spec, n), f in zip(cells, files):
-            if f is not None and f.exists():
-                rows.append(json.loads(f.read_text()))
-                continue
-            bar.set_postfix_str(f"{case.name} {spec.name} n={n}", refresh=False)
-            row = _run_cell(case, spec, n, config.replicates, config.seed, bar)
-            if f is not None:
-                tmp = f.with_suffix(".tmp")
-                tmp.write_text(json.dumps(row))
-                tmp.replace(f)  # atomic: an interrupted write leaves no half cell behind
-            rows.append(row)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+            for n in config.ns:
+                if n < spec.min_k and case.kind == "marginal":
+                    why = f"{spec.name} at K = {n}: needs K ≥ {spec.min_k}"
+                    skipped += [why] if why not in skipped else []
+                    continue
+                cells.append(_Cell(case, spec, n, config.replicates, config.seed, cache))
+    todo = [cell for cell in cells if cell.row is None]
+    stats.run_jobs(todo, executor, desc="study", progress=progress, total=sum(len(c.sizes) for c in todo))
+    marginal_frame = kinds == {True}
+    frame = pd.DataFrame([cell.row for cell in cells], columns=MARGINAL_COLUMNS if marginal_frame else COLUMNS)
     frame.attrs["skipped"] = skipped
     return frame
