@@ -6,14 +6,15 @@ import os
 
 import torch
 
-from estimators.marginal import jackknife_log_mean_exp, log_mean_exp
+from reports.catalog import EstimatorSpec, get_estimator
 from reports.marginal_bugs import PLANTED
-from reports.marginal_gate import MarginalEntry, run_marginal_gate
-from reports.marginal_study import run_marginal_study
+from reports.marginal_gate import run_marginal_gate
+from reports.study import StudyConfig, run_study
 
 SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"
 REPLICATES = 200 if SMOKE else 20_000
-CASES = ["lognormal-0.5", "lognormal-1", "lg-posterior-1.2"]
+CASES = ("lognormal-0.5", "lognormal-1", "lg-posterior-1.2")
+CORRECT = ("log_mean_exp", "jackknife1", "jackknife2")
 KS = [32, 256, 1024]
 
 
@@ -24,7 +25,7 @@ class LogMeanBias:
     timeout = 900
 
     def setup_cache(self):
-        return run_marginal_study(CASES, ["log_mean_exp"], tuple(KS), replicates=REPLICATES, seed=0)
+        return run_study(StudyConfig(CASES, ("log_mean_exp",), tuple(KS), REPLICATES, 0), progress=False)
 
     def track_bias_over_theory_error(self, frame, case, K):
         row = frame[(frame.case == case) & (frame.estimator == "log_mean_exp") & (frame.K == K)].iloc[0]
@@ -43,8 +44,7 @@ class Jackknife:
     timeout = 900
 
     def setup_cache(self):
-        return run_marginal_study(CASES, ["log_mean_exp", "jackknife1", "jackknife2"], (64,),
-                                  replicates=REPLICATES, seed=1)
+        return run_study(StudyConfig(CASES, CORRECT, (64,), REPLICATES, 1), progress=False)
 
     def track_jackknife_bias_over_plain(self, frame, case, order):
         rows = frame[frame.case == case].set_index("estimator")["bias_cv"]
@@ -58,11 +58,8 @@ class MarginalGate:
     timeout = 600
 
     def setup_cache(self):
-        entries = ([MarginalEntry("log_mean_exp", log_mean_exp),
-                    MarginalEntry("jackknife1", lambda w: jackknife_log_mean_exp(w, 1)),
-                    MarginalEntry("jackknife2", lambda w: jackknife_log_mean_exp(w, 2))]
-                   + [MarginalEntry(f.__name__, f) for f in PLANTED])
-        return run_marginal_gate(entries).frame
+        specs = [get_estimator(n) for n in CORRECT] + [EstimatorSpec(f.__name__, f, form="log_weights") for f in PLANTED]
+        return run_marginal_gate(specs).frame
 
     def track_planted_bugs_missed(self, frame):
         return sum(frame[(frame.estimator == f.__name__) & (frame.verdict == "caught")].empty for f in PLANTED)
@@ -70,7 +67,7 @@ class MarginalGate:
     track_planted_bugs_missed.unit = "bugs"
 
     def track_false_alarms(self, frame):
-        correct = frame[frame.estimator.isin(["log_mean_exp", "jackknife1", "jackknife2"])]
+        correct = frame[frame.estimator.isin(CORRECT)]
         return int((correct.verdict == "caught").sum())
 
     track_false_alarms.unit = "checks"
@@ -79,15 +76,14 @@ class MarginalGate:
 class LogMeanThroughput:
     """1000 estimates of K weights each."""
 
-    params = ([10 ** 3, 10 ** 4] if SMOKE else [10 ** 3, 10 ** 4, 10 ** 5], ["log_mean_exp", "jackknife1", "jackknife2"])
+    params = ([10 ** 3, 10 ** 4] if SMOKE else [10 ** 3, 10 ** 4, 10 ** 5], list(CORRECT))
     param_names = ["K", "estimator"]
     timeout = 600
 
     def setup(self, K, estimator):
         self.log_w = torch.randn(10 if SMOKE else 1000, K, generator=torch.Generator().manual_seed(0),
                                  dtype=torch.float64)
-        order = {"jackknife1": 1, "jackknife2": 2}.get(estimator)
-        self.fn = log_mean_exp if order is None else (lambda w: jackknife_log_mean_exp(w, order))
+        self.fn = get_estimator(estimator).fn
 
     def time_estimate(self, K, estimator):
         self.fn(self.log_w)

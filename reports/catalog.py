@@ -31,10 +31,11 @@ from reference_models import SequenceSample
 
 from . import stats
 
-__all__ = ["FORMS", "TARGETS", "EstimatorSpec", "ESTIMATORS", "register_estimator", "get_estimator",
+__all__ = ["FORMS", "KL_FORMS", "TARGETS", "EstimatorSpec", "ESTIMATORS", "register_estimator", "get_estimator",
            "estimator_names", "is_builtin", "per_sample_estimates", "exact_moments"]
 
 FORMS = ("token", "sequence", "logits", "log_weights")
+KL_FORMS = FORMS[:3]  # the forms of KL estimators
 TARGETS = ("kl", "reverse_kl", "log_marginal")
 
 _ARGUMENTS = {"token": ("log_p", "log_q"), "sequence": ("log_p", "log_q", "mask"),

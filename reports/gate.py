@@ -235,7 +235,8 @@ class _CaseJob:
                    mean=math.nan, rel_bias=math.nan, z=math.nan, z_crit=self.z_crit, detectable=math.nan,
                    khat=cell.khat.get("v", math.nan))
         if not cell.applies:
-            why = ("it mixes the samples of one estimate, so it has no per-token use" if self.case.kind == "sequence"
+            why = ("it estimates a log marginal likelihood" if cell.spec.form == "log_weights" else
+                   "it mixes the samples of one estimate, so it has no per-token use" if self.case.kind == "sequence"
                    else "it needs sequences")
             return {**row, "verdict": SKIPPED, "reason": why}
         if not cell.testable:

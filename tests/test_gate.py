@@ -12,19 +12,21 @@ import torch
 
 from estimators import kl
 from reference_models import case_names, get_case
-from reports.catalog import UNBIASED
-from reports.gate import ASSUMPTION, CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, GateEntry, builtin_entries, run_gate
+from reports.catalog import KL_FORMS, EstimatorSpec, estimator_names, get_estimator
+from reports.gate import ASSUMPTION, CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, run_gate
 from reports.planted_bugs import PLANTED
 
-CORRECT = [*UNBIASED, "k2"]  # k2 against its own exact expectation E_p[(log r)²]/2
-USER_STYLE = [GateEntry("user_k1", kl.k1), GateEntry("user_k3", kl.k3), GateEntry("user_cv", kl.k1_control_variate)]
+CORRECT = [*estimator_names(*KL_FORMS, unbiased=True), "k2"]  # k2 against its own exact expectation E_p[(log r)²]/2
+USER_STYLE = [EstimatorSpec("user_k1", kl.k1), EstimatorSpec("user_k3", kl.k3),
+              EstimatorSpec("user_cv", kl.k1_control_variate)]
 
 
 @pytest.fixture(scope="module")
 def full_gate():
     """One run at the default budget on the KL cases (the sequence cases: tests/test_sequence_cases.py):
     built-ins, user-style entries and every planted bug share samples."""
-    entries = builtin_entries() + USER_STYLE + [GateEntry(f.__name__, f) for f in PLANTED]
+    entries = ([get_estimator(n) for n in estimator_names(*KL_FORMS)] + USER_STYLE
+               + [EstimatorSpec(f.__name__, f) for f in PLANTED])
     return run_gate(entries, case_names(), config=GateConfig(seed=0))
 
 
@@ -82,7 +84,7 @@ def _chunk_size(case_name, config):
 @pytest.mark.parametrize("seed", range(50))
 def test_no_false_alarm(seed):
     """The false-alarm rate does not depend on N, so these runs use one small chunk per cell."""
-    entries = builtin_entries(CORRECT) + USER_STYLE
+    entries = [get_estimator(n) for n in CORRECT] + USER_STYLE
     result = run_gate(entries, case_names(), config=GateConfig(seed=seed, chunk=2 ** 16, max_budget=2 ** 16))
     assert result.holds(), result.caught().to_string()
 
@@ -94,5 +96,5 @@ def test_gate_rejects_bad_configuration():
         GateConfig(chunk=10)
     with pytest.raises(ValueError, match="max_budget"):
         GateConfig(max_budget=2 ** 12, chunk=2 ** 16)
-    with pytest.raises(ValueError, match="entries"):
+    with pytest.raises(ValueError, match="specs"):
         run_gate([])

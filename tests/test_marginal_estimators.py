@@ -19,9 +19,13 @@ from scipy import integrate, stats
 from estimators import marginal
 from reference_models.marginal_cases import (MARGINAL_CASES, get_marginal_case, marginal_case_names,
                                              register_marginal_case)
-from reports.marginal_study import COLUMNS, run_marginal_study
+from reports.study import MARGINAL_COLUMNS, StudyConfig, run_study
 
-LOGNORMAL = ["lognormal-0.5", "lognormal-1"]
+LOGNORMAL = ("lognormal-0.5", "lognormal-1")
+
+
+def run_marginal_study(cases, estimators, Ks, replicates=1000, seed=0):
+    return run_study(StudyConfig(tuple(cases), tuple(estimators), tuple(Ks), replicates, seed), progress=False)
 KS = tuple(2 ** i for i in range(9)) + (1024,)  # K = 1, 2, 4, …, 256, 1024
 
 
@@ -240,11 +244,11 @@ def test_study_frame_is_tidy_and_reproducible():
         return run_marginal_study(["lognormal-0.5"], ["elbo", "jackknife2"], Ks=(2, 4), replicates=50, seed=3)
 
     f = run()
-    assert list(f.columns) == COLUMNS and len(f) == 3
+    assert list(f.columns) == MARGINAL_COLUMNS and len(f) == 3
     assert f.attrs["skipped"] == ["jackknife2 at K = 2: needs K ≥ 3"]
     assert f.equals(run())
     assert (f[f.estimator == "elbo"].theory_first == -0.125).all()
     with pytest.raises(ValueError, match="estimators"):
-        run_marginal_study(["lognormal-0.5"], ["nope"])
-    with pytest.raises(ValueError, match="Ks"):
+        run_marginal_study(["lognormal-0.5"], ["nope"], (1,))
+    with pytest.raises(ValueError, match="ns"):
         run_marginal_study(["lognormal-0.5"], ["elbo"], Ks=(0,))

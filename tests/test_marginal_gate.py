@@ -13,20 +13,18 @@ import pytest
 from estimators import marginal
 from reports.cli import main
 from reports.marginal_bugs import PLANTED
-from reports.marginal_gate import (CAUGHT, HOLDS, UNVERIFIABLE, MarginalEntry, MarginalGateConfig,
-                                   run_marginal_gate)
+from reports.catalog import EstimatorSpec, get_estimator
+from reports.marginal_gate import CAUGHT, HOLDS, UNVERIFIABLE, MarginalGateConfig, run_marginal_gate
 
 ROOT = Path(__file__).resolve().parents[1]
-CORRECT = [MarginalEntry("log_mean_exp", marginal.log_mean_exp),
-           MarginalEntry("jackknife1", lambda log_w: marginal.jackknife_log_mean_exp(log_w, 1)),
-           MarginalEntry("jackknife2", lambda log_w: marginal.jackknife_log_mean_exp(log_w, 2))]
+CORRECT = [get_estimator(n) for n in ("log_mean_exp", "jackknife1", "jackknife2")]
 STATISTICAL = ["log_k_plus_one", "off_by_constant", "delta_correction_wrong_sign"]  # pass the range check
 
 
 @pytest.fixture(scope="module")
 def full_gate():
     """One default run: the correct estimators and every planted bug share the draws."""
-    return run_marginal_gate(CORRECT + [MarginalEntry(f.__name__, f) for f in PLANTED])
+    return run_marginal_gate(CORRECT + [EstimatorSpec(f.__name__, f, form="log_weights") for f in PLANTED])
 
 
 def test_correct_estimators_hold(full_gate):
@@ -88,7 +86,7 @@ def test_gate_rejects_bad_configuration():
         MarginalGateConfig(range_k=2)
     with pytest.raises(ValueError, match="chunk"):
         MarginalGateConfig(chunk=1000, max_replicates=10)
-    with pytest.raises(ValueError, match="entries"):
+    with pytest.raises(ValueError, match="specs"):
         run_marginal_gate([])
 
 

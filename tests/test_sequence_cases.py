@@ -14,8 +14,8 @@ from scipy import stats
 from reference_models.sequence_cases import (EXACT_VARIANCE_OF, get_sequence_case, sequence_case_names,
                                              token_log_probs)
 from reference_models.train import hmm_source, kl_source_model, load_checkpoint
-from reports.catalog import UNBIASED
-from reports.gate import CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, GateEntry, builtin_entries, run_gate
+from reports.catalog import KL_FORMS, EstimatorSpec, estimator_names, get_estimator
+from reports.gate import CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, run_gate
 from reports.planted_bugs import PLANTED, SEQUENCE_PLANTED
 from reports.study import StudyConfig, run_study
 
@@ -73,15 +73,15 @@ def test_draws_are_exact_samples_from_p():
 
 @pytest.fixture(scope="module")
 def sequence_gate():
-    entries = (builtin_entries() + [GateEntry("user_k1", builtin_entries(["k1"])[0].fn)]
-               + [GateEntry(f.__name__, f) for f in PLANTED]
-               + [GateEntry(f.__name__, f, form=form) for f, form in SEQUENCE_PLANTED])
+    entries = ([get_estimator(n) for n in estimator_names(*KL_FORMS)] + [EstimatorSpec("user_k1", get_estimator("k1").fn)]
+               + [EstimatorSpec(f.__name__, f) for f in PLANTED]
+               + [EstimatorSpec(f.__name__, f, form=form) for f, form in SEQUENCE_PLANTED])
     return run_gate(entries, CASES, GateConfig(seed=0, max_budget=2 ** 23))
 
 
 def test_gate_holds_every_unbiased_estimator_on_every_sequence_case(sequence_gate):
     frame = sequence_gate.frame
-    for name in [*UNBIASED, "k2", "user_k1"]:
+    for name in [*estimator_names(*KL_FORMS, unbiased=True), "k2", "user_k1"]:
         assert sequence_gate.holds(name), sequence_gate.caught(name).to_string()
     for name in ("k1", "k2", "rao_blackwell"):  # light enough tails for a z-test on every case
         rows = frame[frame.estimator == name]
@@ -113,7 +113,7 @@ def test_gate_catches_the_planted_bugs_on_sequences(sequence_gate):
 @pytest.mark.parametrize("seed", range(10))
 def test_no_false_alarm_on_sequences(seed):
     """Ten more independent gate runs of the unbiased estimators on small budgets (≤ 10 × 1e-4 = 0.1%)."""
-    entries = builtin_entries(["k1", "k2", "k3", "seq_k3", "rao_blackwell"])
+    entries = [get_estimator(n) for n in ("k1", "k2", "k3", "seq_k3", "rao_blackwell")]
     result = run_gate(entries, CASES, GateConfig(seed=seed + 1, chunk=2 ** 16, max_budget=2 ** 16))
     assert result.holds(), result.caught().to_string()
 
