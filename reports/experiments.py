@@ -29,6 +29,7 @@ from scipy import optimize, stats  # noqa: E402
 from reference_models import Gaussian, GaussianMixture, exact_kl  # noqa: E402
 
 from .figures import save  # noqa: E402
+from .stats import positive_int  # noqa: E402
 
 __all__ = ["default_bimodal", "fit_gaussian_to_bimodal", "plot_bimodal_fits", "autoregressive_hypothesis_spaces",
            "plot_hypothesis_spaces", "entropy_table", "code_length_table", "run_all", "FORWARD_LABEL",
@@ -151,11 +152,8 @@ def autoregressive_hypothesis_spaces(n: int = 20000, seed: int = 0) -> dict:
     "loglik_bimodal", "loglik_gaussian", "loglik_gap", "gap_exact"`` (a Truth), ``"marginal"`` (the exact
     marginal, a GaussianMixture)``}``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int ≥ 2, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    gen = torch.Generator().manual_seed(seed)
+    n = positive_int("n", n, 2)
+    gen = torch.Generator().manual_seed(positive_int("seed", seed, 0))
     z1 = Gaussian(0.0, 1.0).sample(n, generator=gen)
     m = (z1 > 0).double()
     z2 = m + COND_STD * torch.randn(n, generator=gen, dtype=torch.float64)
