@@ -10,11 +10,13 @@ On a sequence case (``reference_models.sequence_cases``) an estimator has one of
 (how RLHF code applies its KL penalty; the case's token-level moments make the expectations above
 hold unchanged); ``"sequence"``, ``fn(log_p, log_q, mask) -> [B]`` on the per-token log-probs [B, T]; and
 ``"logits"``, ``fn(logits_p, logits_q, mask) -> [B]`` on both models' next-step logits (Rao-Blackwell).
-The last two exist only for sequences.
+The last two exist only for sequences. On a sequence case the exact moments of an estimator's
+per-sequence estimate are a weighted sum over the case's enumeration (:func:`exact_moments`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 from torch import Tensor
@@ -22,13 +24,14 @@ from torch import Tensor
 import torch
 
 from estimators import kl, sequence
-from reference_models import KLCase
-from reference_models.sequence_cases import SequenceKLCase, SequenceSample
+from reference_models import KLCase, SequenceKLCase, SequenceSample, Truth
+from reference_models.sequence_cases import enumerated_truth, expectation
 
-__all__ = ["EstimatorSpec", "ESTIMATORS", "UNBIASED", "get_estimator", "FORMS", "per_sample_estimates",
-           "EstimateShapeError"]
+__all__ = ["EstimatorSpec", "ESTIMATORS", "UNBIASED", "get_estimator", "FORMS", "KL_KINDS", "per_sample_estimates",
+           "EstimateShapeError", "exact_moments"]
 
 FORMS = ("token", "sequence", "logits")
+KL_KINDS = ("kl", "sequence")  # the kinds of case a KL estimator runs on
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,11 @@ class EstimatorSpec:
     expectation: Callable[[KLCase], float | None] = lambda case: case.moments.kl.value
     form: str = "token"  # see the module docstring
     couples_samples: bool = False  # mixes the samples of one estimate (leave-one-out λ): no per-token use
+    enumerated: bool = False  # its exact per-sequence variance and 4th moment are used on sequence cases
 
     def applies(self, case: KLCase) -> bool:
         """Whether the estimator can run on ``case`` at all."""
-        if isinstance(case, SequenceKLCase):
+        if case.kind == "sequence":
             return not self.couples_samples
         return self.form == "token"
 
@@ -68,10 +72,11 @@ def _k3_family(case: KLCase) -> float | None:
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {s.name: s for s in [
-    EstimatorSpec("k1", kl.k1, "k1 = −log r"),
+    EstimatorSpec("k1", kl.k1, "k1 = −log r", enumerated=True),
     EstimatorSpec("k2", kl.k2, "k2 = (log r)²/2",
                   expectation=lambda c: c.moments.mean_log_r2.value / 2),
-    EstimatorSpec("k3", kl.k3, "k3 = (r − 1) − log r", uses_ratio=True, expectation=_k3_expectation),
+    EstimatorSpec("k3", kl.k3, "k3 = (r − 1) − log r", uses_ratio=True, expectation=_k3_expectation,
+                  enumerated=True),
     EstimatorSpec("k1_cv", kl.k1_control_variate, "k1 + λ̂₋ᵢ(r − 1), leave-one-out λ", uses_ratio=True,
                   expectation=_k3_family, couples_samples=True),
     EstimatorSpec("reverse_kl", kl.reverse_kl, "r log r − (r − 1) → KL(q‖p)", target="reverse_kl",
@@ -84,9 +89,9 @@ ESTIMATORS: dict[str, EstimatorSpec] = {s.name: s for s in [
     EstimatorSpec("openrlhf_k3", kl.openrlhf_k3, "OpenRLHF k3 (clamped to ±10)", expectation=_k3_expectation),
     # Sequence-only forms.
     EstimatorSpec("seq_k3", sequence.sequence_k3, "k3 of the whole-sequence ratio R = Π r_t", uses_ratio=True,
-                  expectation=_k3_family, form="sequence"),
+                  expectation=_k3_family, form="sequence", enumerated=True),
     EstimatorSpec("rao_blackwell", lambda logits_p, logits_q, mask: _rao_blackwell(logits_p, logits_q, mask),
-                  "Σ_t KL(p(·|x_<t) ‖ q(·|x_<t)), Rao-Blackwellized", form="logits"),
+                  "Σ_t KL(p(·|x_<t) ‖ q(·|x_<t)), Rao-Blackwellized", form="logits", enumerated=True),
 ]}
 
 #: The estimators that are unbiased for their target wherever their assumptions hold.
@@ -123,6 +128,20 @@ def per_sample_estimates(fn: Callable, form: str, draw) -> torch.Tensor:
     if isinstance(draw, SequenceSample) and form == "token":
         return torch.where(draw.mask, out, torch.zeros((), dtype=out.dtype)).sum(-1)
     return out
+
+
+@lru_cache(maxsize=None)
+def exact_moments(spec: EstimatorSpec, case: SequenceKLCase) -> dict[str, Truth]:
+    """The exact mean, variance and 4th central moment (``"mean"``, ``"var"``, ``"m4"``) of the estimator's
+    per-sequence estimate on a sequence case: the estimator applied to every enumerated sequence in float64,
+    weighted by p(x) (states p cannot produce never contribute). Computed once per spec and case."""
+    sample, w = case.enumeration()
+    v = per_sample_estimates(spec.fn, spec.form, sample).double()
+    truth = lambda value, what: enumerated_truth(w, value, f"{w.numel()} sequences in float64: {what} of {spec.name}")
+    mean = expectation(w, v)
+    c = v - mean
+    return dict(mean=truth(mean, "E_p of the per-sequence estimate"), var=truth(expectation(w, c * c), "Var_p"),
+                m4=truth(expectation(w, c ** 4), "4th central moment"))
 
 
 def get_estimator(name: str) -> EstimatorSpec:

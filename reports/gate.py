@@ -38,11 +38,10 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from estimators.diagnostics import pareto_khat
-from reference_models import KLCase, case_names
-from reference_models.sequence_cases import SequenceKLCase, SequenceSample, sequence_case_names
+from reference_models import KLCase, SequenceSample, case_names, get_case
 
-from .catalog import ESTIMATORS, EstimateShapeError, EstimatorSpec, per_sample_estimates
-from .study import any_case, chunk_seed, draw
+from .catalog import ESTIMATORS, KL_KINDS, EstimateShapeError, EstimatorSpec, exact_moments, per_sample_estimates
+from .study import chunk_seed, draw
 
 __all__ = ["GateConfig", "GateEntry", "GateResult", "run_gate", "entry_from_spec", "builtin_entries", "HOLDS",
            "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED"]
@@ -96,7 +95,7 @@ class GateEntry:
     couples_samples: bool = False
 
     def applies(self, case: KLCase) -> bool:
-        if isinstance(case, SequenceKLCase):
+        if case.kind == "sequence":
             return not self.couples_samples
         return self.form == "token"
 
@@ -132,10 +131,10 @@ class GateResult:
 
 def run_gate(entries: list[GateEntry], cases: list[str] | None = None, config: GateConfig = GateConfig(),
              progress: bool = False) -> GateResult:
-    """Gate every entry on every case (default: all registered KL and sequence cases)."""
+    """Gate every entry on every case (default: the KL and sequence cases tagged ``"gate"``)."""
     if not entries:
         raise ValueError("entries must hold at least one estimator")
-    built = [any_case(c) for c in (cases or case_names() + sequence_case_names())]
+    built = [get_case(c, kind=KL_KINDS) for c in (cases or case_names(kind=KL_KINDS, tag="gate"))]
     cells = {c.name: [_Cell(e, c, e.expected(c) if e.applies(c) else None) for e in entries] for c in built}
     m = sum(cell.testable for row in cells.values() for cell in row)
     z_crit = float(stats.norm.isf(config.alpha / (2 * max(m, 1))))
@@ -230,11 +229,12 @@ class _Cell:
 
     def _exact_kurtosis(self) -> float | None:
         """κ = μ₄/σ⁴ of a built-in's per-sequence estimate where the case enumerated it, else None."""
-        spec, exact = ESTIMATORS.get(self.entry.name), getattr(self.case, "variances", {})
-        if spec is None or spec.fn is not self.entry.fn or self.entry.name not in exact:
+        spec = ESTIMATORS.get(self.entry.name)
+        if self.case.kind != "sequence" or spec is None or spec.fn is not self.entry.fn or not spec.enumerated:
             return None
-        var = exact[self.entry.name].value
-        return exact[f"{self.entry.name}:m4"].value / var ** 2 if var > 0 else None
+        exact = exact_moments(spec, self.case)
+        var = exact["var"].value
+        return exact["m4"].value / var ** 2 if var > 0 else None
 
     def plan(self, z_crit: float, z_power: float, config: GateConfig, size: int, max_chunks: int) -> None:
         """From the pilot: stop early where the test cannot mean anything, else choose N for the power (and,
@@ -272,7 +272,7 @@ class _Cell:
         row = dict(estimator=self.entry.name, case=self.case.name, n=int(self.sums.get("n", 0)), expected=self.expected,
                    mean=np.nan, rel_bias=np.nan, z=np.nan, z_crit=z_crit, detectable=np.nan, khat=self.khat)
         if not self.entry.applies(self.case):
-            why = ("it mixes the samples of one estimate, so it has no per-token use" if isinstance(self.case, SequenceKLCase)
+            why = ("it mixes the samples of one estimate, so it has no per-token use" if self.case.kind == "sequence"
                    else "it needs sequences")
             return {**row, "verdict": SKIPPED, "reason": why}
         if not self.testable:

@@ -43,15 +43,14 @@ from tqdm.auto import tqdm
 
 from estimators import marginal
 from estimators.diagnostics import pareto_khat
-from reference_models.marginal_cases import MarginalCase, get_marginal_case
+from reference_models import MarginalCase, case_names, get_case
 
 from .gate import CAUGHT, HOLDS, UNVERIFIABLE, GateResult
 from .study import chunk_seed
 
-__all__ = ["MarginalGateConfig", "MarginalEntry", "MarginalGateResult", "run_marginal_gate", "DEFAULT_CASES",
-           "RANGE_OFFSETS", "HOLDS", "CAUGHT", "UNVERIFIABLE"]
+__all__ = ["MarginalGateConfig", "MarginalEntry", "MarginalGateResult", "run_marginal_gate", "RANGE_OFFSETS",
+           "HOLDS", "CAUGHT", "UNVERIFIABLE"]
 
-DEFAULT_CASES = ("lognormal-0.5", "lognormal-1")
 RANGE_OFFSETS = (-9999.5, -1234.5, -37.2, 0.0, 987.6)  # off float16's grid: its rounding shows
 _EPS = torch.finfo(torch.float64).eps
 
@@ -240,11 +239,11 @@ def _test_rows(cell: _Cell, case: MarginalCase, k: int, z_crit: float, z_sum: fl
 
 def run_marginal_gate(entries: list[MarginalEntry], cases: list[str] | None = None,
                       config: MarginalGateConfig = MarginalGateConfig(), progress: bool = False) -> MarginalGateResult:
-    """Gate every entry: the range check, then the bias checks on every case (default :data:`DEFAULT_CASES`)
+    """Gate every entry: the range check, then the bias checks on every case (default: the marginal cases tagged ``"gate"``)
     and every K of ``config``, all cells of one (case, K) sharing their draws."""
     if not entries:
         raise ValueError("entries must hold at least one estimator")
-    built = [get_marginal_case(c) for c in (cases or DEFAULT_CASES)]
+    built = [get_case(c, kind="marginal") for c in (cases or case_names(kind="marginal", tag="gate"))]
     m = len(entries) * len(built) * (2 * len(config.Ks) + 1)
     z_crit = float(stats.norm.isf(config.alpha / (2 * m)))  # two looks per test
     z_sum = z_crit + float(stats.norm.isf(1 - config.power))

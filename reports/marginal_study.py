@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from estimators import marginal
-from reference_models.marginal_cases import MarginalCase, get_marginal_case
+from reference_models import MarginalCase, get_case
 
 from .study import chunk_seed
 
@@ -104,7 +104,7 @@ def run_marginal_study(cases, estimators, Ks=DEFAULT_KS, replicates: int = 1000,
     second order (first plus second term), NaN where the case lacks the moments; ``khat`` is the Pareto
     k̂ of the first replicate's K weights (NaN for K < 64); ``ess`` is the mean Kish effective sample size.
     """
-    built = [get_marginal_case(c) for c in cases]
+    built = [get_case(c, kind="marginal") for c in cases]
     unknown = [e for e in estimators if e not in MARGINAL_ESTIMATORS]
     if not built or not estimators or unknown:
         raise ValueError(f"cases and estimators must be non-empty lists of known names; unknown estimators "

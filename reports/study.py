@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from reference_models import KLCase, get_case
-from reference_models.sequence_cases import SequenceKLCase, get_sequence_case, sequence_case_names
 
-from .catalog import EstimatorSpec, get_estimator, per_sample_estimates
+from .catalog import KL_KINDS, EstimatorSpec, get_estimator, per_sample_estimates
 
-__all__ = ["StudyConfig", "chunk_seed", "draw_log_probs", "draw", "any_case", "run_study", "COLUMNS"]
+__all__ = ["StudyConfig", "chunk_seed", "draw", "run_study", "COLUMNS"]
 
 #: Samples × event elements per chunk; fixed so that chunking never changes the numbers.
 CHUNK_ELEMENTS = 2 ** 21
@@ -60,25 +58,9 @@ def chunk_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
-def draw_log_probs(case: KLCase, size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``size`` samples x ~ p from a generator seeded with ``seed``; returns (log p(x), log q(x))."""
-    g = torch.Generator(device=case.p.device).manual_seed(seed)
-    x = case.p.sample(size, generator=g)
-    return case.p.log_prob(x), case.q.log_prob(x)
-
-
 def draw(case: KLCase, size: int, seed: int, dtype: torch.dtype | None = None):
-    """``size`` samples from p: (log p(x), log q(x)) on a KL case, a SequenceSample on a sequence case
-    (in ``dtype``, float64 by default)."""
-    if isinstance(case, SequenceKLCase):
-        return case.draw(size, torch.Generator().manual_seed(seed), dtype=dtype or torch.float64)
-    lp, lq = draw_log_probs(case, size, seed)
-    return (lp, lq) if dtype is None else (lp.to(dtype), lq.to(dtype))
-
-
-def any_case(name: str) -> KLCase:
-    """A KL case or a sequence case by name."""
-    return get_sequence_case(name) if name in sequence_case_names() else get_case(name)
+    """``case.draw`` of ``size`` samples from a generator on the case's device seeded with ``seed``."""
+    return case.draw(size, torch.Generator(device=case.device).manual_seed(seed), dtype)
 
 
 def _chunks(case: KLCase, n: int, replicates: int) -> list[int]:
@@ -143,14 +125,14 @@ def run_study(config: StudyConfig, progress: bool = True, cache_dir: str | Path 
     ``bias_se`` is the standard error of ``bias``. Cells whose target is infinite (the reverse KL on a
     support mismatch) are skipped and listed in ``frame.attrs["skipped"]``.
     """
-    cases = [any_case(c) for c in config.cases]
+    cases = [get_case(c, kind=KL_KINDS) for c in config.cases]
     specs = [get_estimator(e) for e in config.estimators]
     cells, skipped = [], []
     for case in cases:
         for spec in specs:
             target = getattr(case.moments, spec.target)
             if not spec.applies(case):
-                why = "it mixes the samples of one estimate" if isinstance(case, SequenceKLCase) else "sequences only"
+                why = "it mixes the samples of one estimate" if case.kind == "sequence" else "sequences only"
                 skipped.append(f"{spec.name} on {case.name}: {why}")
                 continue
             if not target.finite:
