@@ -8,8 +8,8 @@ import torch
 
 from estimators.sequence import rao_blackwell_kl
 from reference_models.autoregressive import NADE
-from reference_models.sequence_cases import get_sequence_case, sequence_case_names
-from reports.catalog import KL_FORMS, EstimatorSpec, estimator_names, get_estimator
+from reference_models import case_names, get_case
+from reports.catalog import ESTIMATORS, KL_FORMS, EstimatorSpec, estimator_names, exact_moments, get_estimator
 from reports.gate import GateConfig, run_gate
 from reports.planted_bugs import SEQUENCE_PLANTED
 from reports.study import StudyConfig, run_study
@@ -17,20 +17,22 @@ from reports.study import StudyConfig, run_study
 SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"
 REPLICATES = 500 if SMOKE else 20_000
 GATE_BUDGET = 2 ** 16 if SMOKE else 2 ** 23
-SEQUENCE_ESTIMATORS = ("k1", "k3", "seq_k3", "rao_blackwell")
+SEQUENCE_ESTIMATORS = tuple(name for name, spec in ESTIMATORS.items() if spec.enumerated)
+SEQUENCE_CASES = case_names(kind="sequence")
 CORRECT = (*estimator_names(*KL_FORMS, unbiased=True), "k2")
 
 
 def _exact_variances() -> dict:
     """{(case, estimator): exact per-sequence variance}, enumerated once per setup_cache."""
-    return {(c, e): get_sequence_case(c).variances[e].value for c in sequence_case_names() for e in SEQUENCE_ESTIMATORS}
+    return {(c, e): exact_moments(ESTIMATORS[e], get_case(c))["var"].value for c in SEQUENCE_CASES
+            for e in SEQUENCE_ESTIMATORS}
 
 
 class SequenceVariance:
     """Exact (enumerated) variance ratios: they change only when the models, cases or estimators do."""
 
     version = 1
-    params = sequence_case_names()
+    params = SEQUENCE_CASES
     param_names = ["case"]
     timeout = 600
 
@@ -50,12 +52,12 @@ class SequenceVariance:
 
 class SequenceStatistics:
     version = 1
-    params = (sequence_case_names(), list(SEQUENCE_ESTIMATORS))
+    params = (SEQUENCE_CASES, list(SEQUENCE_ESTIMATORS))
     param_names = ["case", "estimator"]
     timeout = 900
 
     def setup_cache(self):
-        config = StudyConfig(tuple(sequence_case_names()), SEQUENCE_ESTIMATORS, (1,), REPLICATES, 0)
+        config = StudyConfig(tuple(SEQUENCE_CASES), SEQUENCE_ESTIMATORS, (1,), REPLICATES, 0)
         return run_study(config, progress=False), _exact_variances()
 
     def track_abs_bias_over_se(self, cached, case, estimator):
@@ -81,7 +83,7 @@ class SequenceGate:
         entries = ([get_estimator(n) for n in CORRECT]
                    + [EstimatorSpec(f.__name__, f, form=form) for f, form in SEQUENCE_PLANTED])
         config = GateConfig(chunk=min(2 ** 21, GATE_BUDGET), max_budget=GATE_BUDGET)
-        return run_gate(entries, sequence_case_names(), config).frame
+        return run_gate(entries, SEQUENCE_CASES, config).frame
 
     def track_planted_bugs_missed(self, frame):
         return sum(frame[(frame.estimator == f.__name__) & (frame.verdict == "caught")].empty

@@ -29,12 +29,12 @@ def _cell(frame, case, estimator):
 
 class EstimatorStatistics:
     version = 1
-    params = (case_names(), PER_SAMPLE)
+    params = (case_names(kind="kl"), PER_SAMPLE)
     param_names = ["case", "estimator"]
     timeout = 600
 
     def setup_cache(self):
-        return run_study(StudyConfig(tuple(case_names()), tuple(PER_SAMPLE), (N,), REPLICATES, SEED),
+        return run_study(StudyConfig(tuple(case_names(kind="kl")), tuple(PER_SAMPLE), (N,), REPLICATES, SEED),
                          progress=False)
 
     def setup(self, frame, case, estimator):
@@ -59,12 +59,12 @@ class EstimatorStatistics:
 
 class ControlVariate:
     version = 1
-    params = case_names()
+    params = case_names(kind="kl")
     param_names = ["case"]
     timeout = 600
 
     def setup_cache(self):
-        return run_study(StudyConfig(tuple(case_names()), ("k3", "k1_cv"), (N,), REPLICATES, SEED), progress=False)
+        return run_study(StudyConfig(tuple(case_names(kind="kl")), ("k3", "k1_cv"), (N,), REPLICATES, SEED), progress=False)
 
     def setup(self, frame, case):
         k3 = _cell(frame, case, "k3")["var"]
@@ -87,7 +87,7 @@ class Gate:
     def setup_cache(self):
         entries = [get_estimator(n) for n in CORRECT] + [EstimatorSpec(f.__name__, f) for f in PLANTED]
         config = GateConfig(chunk=min(2 ** 21, GATE_BUDGET), max_budget=GATE_BUDGET)
-        return run_gate(entries, case_names(), config).frame
+        return run_gate(entries, case_names(kind="kl"), config).frame
 
     def track_planted_bugs_missed(self, frame):
         return sum(frame[(frame.estimator == f.__name__) & (frame.verdict == "caught")].empty for f in PLANTED)

@@ -1,8 +1,9 @@
 """Named KL cases: a pair (p, q) with x ~ p, the exact KL(p‖q) and the exact ratio moments.
 
 A case's name never changes meaning once released: every model below is built from fixed constants
-and fixed seeds. Cases are built lazily (the vocabulary-sized ones take a moment) and cached.
-Each case records which estimator assumptions it breaks, derived from its exact moments:
+and fixed seeds. Cases are registered in ``reference_models.registry`` and built lazily (the
+vocabulary-sized ones take a moment). Each case records which estimator assumptions it breaks, derived
+from its exact moments (:class:`RatioCase`, shared with the sequence cases):
 
 - ``support``: q's support is not inside p's, so E_p[q/p] < 1 and k3-type estimators (k3, the
   control variates, the reverse-KL estimator) are biased by exactly E_p[q/p] − 1;
@@ -13,26 +14,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
+from torch import Tensor
 
 from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceModel, Uniform, top_k_logits, zipf_logits
+from .registry import register_case
 from .truth import RatioMoments, Truth, ratio_moments
 
-__all__ = ["KLCase", "KL_CASES", "get_case", "case_names"]
+__all__ = ["RatioCase", "KLCase", "PairSample"]
+
+#: The tags of the cases that today's defaults run on: every gate and every report.
+DEFAULT_TAGS = ("gate", "report")
 
 
-@dataclass(frozen=True)
-class KLCase:
-    """A named pair with its exact truth; estimators see only log p(x), log q(x) for x ~ p."""
+class PairSample(NamedTuple):
+    """What a KL estimator sees of x ~ p: log p(x) and log q(x) (``fn(*sample)`` calls it)."""
 
-    name: str
-    p: ReferenceModel
-    q: ReferenceModel
+    log_p: Tensor
+    log_q: Tensor
+
+
+class RatioCase:
+    """What a pair (p, q) with exact ratio moments ``moments`` says about the estimators built on r = q/p;
+    shared by the KL and the sequence cases (their ``finite_support`` and ``event_numel`` differ)."""
+
     moments: RatioMoments
-    description: str
 
     @property
     def truth(self) -> Truth:
@@ -50,6 +58,31 @@ class KLCase:
         return self.moments.mean_r2.finite
 
     @property
+    def breaks(self) -> dict[str, str]:
+        """Broken estimator assumptions, each with the reason."""
+        out = {}
+        if not self.support_ok:
+            out["support"] = (f"E_p[q/p] = {self.moments.mean_r.value:.4g} < 1: q has mass outside p's support, "
+                              f"so k3-type estimators are biased by {self.moments.mean_r.value - 1:+.4g}")
+        if not self.ratio_variance_finite:
+            out["ratio_variance"] = f"{self.moments.mean_r2.note}: estimators using r = q/p have infinite variance"
+        return out
+
+
+@dataclass(frozen=True)
+class KLCase(RatioCase):
+    """A named pair with its exact truth; estimators see only log p(x), log q(x) for x ~ p."""
+
+    kind: ClassVar[str] = "kl"
+
+    name: str
+    p: ReferenceModel
+    q: ReferenceModel
+    moments: RatioMoments
+    description: str
+    tags: tuple[str, ...] = ()
+
+    @property
     def finite_support(self) -> bool:
         """p has finitely many outcomes, so every finite-valued estimator has finite variance."""
         return isinstance(self.p, Categorical)
@@ -65,15 +98,23 @@ class KLCase:
         return max(1, math.prod(self.p.event_shape))
 
     @property
-    def breaks(self) -> dict[str, str]:
-        """Broken estimator assumptions, each with the reason."""
-        out = {}
-        if not self.support_ok:
-            out["support"] = (f"E_p[q/p] = {self.moments.mean_r.value:.4g} < 1: q has mass outside p's support, "
-                              f"so k3-type estimators are biased by {self.moments.mean_r.value - 1:+.4g}")
-        if not self.ratio_variance_finite:
-            out["ratio_variance"] = f"{self.moments.mean_r2.note}: estimators using r = q/p have infinite variance"
-        return out
+    def device(self) -> torch.device:
+        """Where p samples (and so where a generator for :meth:`draw` lives)."""
+        return self.p.device
+
+    def draw(self, size: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> PairSample:
+        """``size`` samples x ~ p: (log p(x), log q(x)), computed in the models' dtype, then cast to ``dtype``."""
+        x = self.p.sample(size, generator=generator)
+        lp, lq = self.p.log_prob(x), self.q.log_prob(x)
+        return PairSample(lp, lq) if dtype is None else PairSample(lp.to(dtype), lq.to(dtype))
+
+
+def _register(name: str, pair: Callable[[], tuple[ReferenceModel, ReferenceModel]], description: str) -> None:
+    def build() -> KLCase:
+        p, q = pair()
+        return KLCase(name, p, q, ratio_moments(p, q), description, DEFAULT_TAGS)
+
+    register_case(name, build, kind="kl", tags=DEFAULT_TAGS, description=description)
 
 
 def _gauss_pair_100d() -> tuple[Gaussian, Gaussian]:
@@ -107,46 +148,29 @@ def _categorical_pair(vocab: int, top_k: int | None = None) -> tuple[Categorical
 _BIMODAL = dict(weights=[0.5, 0.5], locs=[-2.0, 2.0], scales=[0.5, 0.5])
 _BIMODAL_FIT_SCALE = math.sqrt(4.25)  # moment-matched Gaussian: variance 2² + 0.5²
 
-#: name -> (a function building the pair (p, q), description). Built lazily by get_case.
-KL_CASES: dict[str, tuple[Callable[[], tuple[ReferenceModel, ReferenceModel]], str]] = {
-    "gauss-shift-0.1": (lambda: (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
-        "Schulman's first case: N(0,1) ‖ N(0.1,1), KL = 0.005"),
-    "gauss-shift-1": (lambda: (Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)),
-        "Schulman's second case: N(0,1) ‖ N(1,1), KL = 0.5"),
-    "near-identical": (lambda: (Gaussian(0.0, 1.0), Gaussian(math.sqrt(2e-4), 1.0)),
-        "N(0,1) ‖ N(0.01414,1), KL = 1e-4: k1 is almost all noise"),
-    "gauss-var-wide-q": (lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 2.0)),
-        "variance mismatch, q wider: N(0,1) ‖ N(0,2²); E_p[r²] = ∞"),
-    "gauss-var-narrow-q": (lambda: (Gaussian(0.0, 2.0), Gaussian(0.0, 1.0)),
-        "variance mismatch, q narrower: N(0,2²) ‖ N(0,1)"),
-    "gauss-100d-fullcov": (_gauss_pair_100d,
-        "100-dimensional full-covariance pair; log-densities near −150, like sequence log-probs"),
-    "bimodal-vs-gauss": (lambda: (GaussianMixture(**_BIMODAL), Gaussian(0.0, _BIMODAL_FIT_SCALE)),
-        "bimodal mixture ‖ its moment-matched Gaussian (the mode-covering, forward-KL fit)"),
-    "gauss-vs-bimodal": (lambda: (Gaussian(0.0, _BIMODAL_FIT_SCALE), GaussianMixture(**_BIMODAL)),
-        "the moment-matched Gaussian ‖ the bimodal mixture (the other direction)"),
-    "uniform-support": (lambda: (Uniform(0.0, 1.0), Uniform(0.0, 2.0)),
-        "U(0,1) ‖ U(0,2), KL = log 2; q has mass outside p's support (the reverse direction is ∞)"),
-    "vocab-50k": (lambda: _categorical_pair(50257),
-        "next-token policy ‖ reference over a GPT-2-sized vocabulary (50,257), Zipf-like logits"),
-    "vocab-200k": (lambda: _categorical_pair(200_000),
-        "next-token policy ‖ reference over a 200,000-token vocabulary, Zipf-like logits"),
-    "vocab-50k-top-k": (lambda: _categorical_pair(50257, top_k=50),
-        "top-k (k = 50) truncated policy ‖ untruncated reference: q has mass outside p's support"),
-    "heavy-ratio": (lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 0.3)),
-        "N(0,1) ‖ N(0,0.3²): |log q/p| > 20 with probability ≈ 4%, where production clamps bite"),
-}
-
-
-def case_names() -> list[str]:
-    return list(KL_CASES)
-
-
-@lru_cache(maxsize=None)
-def get_case(name: str) -> KLCase:
-    """The named case (built once, then cached)."""
-    if name not in KL_CASES:
-        raise ValueError(f"unknown case {name!r}; known cases: {', '.join(KL_CASES)}")
-    build, description = KL_CASES[name]
-    p, q = build()
-    return KLCase(name, p, q, ratio_moments(p, q), description)
+_register("gauss-shift-0.1", lambda: (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
+          "Schulman's first case: N(0,1) ‖ N(0.1,1), KL = 0.005")
+_register("gauss-shift-1", lambda: (Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)),
+          "Schulman's second case: N(0,1) ‖ N(1,1), KL = 0.5")
+_register("near-identical", lambda: (Gaussian(0.0, 1.0), Gaussian(math.sqrt(2e-4), 1.0)),
+          "N(0,1) ‖ N(0.01414,1), KL = 1e-4: k1 is almost all noise")
+_register("gauss-var-wide-q", lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 2.0)),
+          "variance mismatch, q wider: N(0,1) ‖ N(0,2²); E_p[r²] = ∞")
+_register("gauss-var-narrow-q", lambda: (Gaussian(0.0, 2.0), Gaussian(0.0, 1.0)),
+          "variance mismatch, q narrower: N(0,2²) ‖ N(0,1)")
+_register("gauss-100d-fullcov", _gauss_pair_100d,
+          "100-dimensional full-covariance pair; log-densities near −150, like sequence log-probs")
+_register("bimodal-vs-gauss", lambda: (GaussianMixture(**_BIMODAL), Gaussian(0.0, _BIMODAL_FIT_SCALE)),
+          "bimodal mixture ‖ its moment-matched Gaussian (the mode-covering, forward-KL fit)")
+_register("gauss-vs-bimodal", lambda: (Gaussian(0.0, _BIMODAL_FIT_SCALE), GaussianMixture(**_BIMODAL)),
+          "the moment-matched Gaussian ‖ the bimodal mixture (the other direction)")
+_register("uniform-support", lambda: (Uniform(0.0, 1.0), Uniform(0.0, 2.0)),
+          "U(0,1) ‖ U(0,2), KL = log 2; q has mass outside p's support (the reverse direction is ∞)")
+_register("vocab-50k", lambda: _categorical_pair(50257),
+          "next-token policy ‖ reference over a GPT-2-sized vocabulary (50,257), Zipf-like logits")
+_register("vocab-200k", lambda: _categorical_pair(200_000),
+          "next-token policy ‖ reference over a 200,000-token vocabulary, Zipf-like logits")
+_register("vocab-50k-top-k", lambda: _categorical_pair(50257, top_k=50),
+          "top-k (k = 50) truncated policy ‖ untruncated reference: q has mass outside p's support")
+_register("heavy-ratio", lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 0.3)),
+          "N(0,1) ‖ N(0,0.3²): |log q/p| > 20 with probability ≈ 4%, where production clamps bite")

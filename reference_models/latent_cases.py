@@ -14,6 +14,7 @@ Then μ₂ = E[v²] − 1, μ₃ = E[v³] − 3E[v²] + 2, and the ELBO gap E_q[
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch.distributions import Categorical, MultivariateNormal, kl_divergence
@@ -78,8 +79,8 @@ def _gaussian_draw(q: MultivariateNormal, log_joint):
     return sampler
 
 
-def linear_gaussian_case(name: str, proposal: str, scale: float = 1.0, d: int = 50, k: int = 10,
-                         sigma: float = 0.5, seed: int = 0) -> MarginalCase:
+def linear_gaussian_case(name: str, description: str, tags: tuple[str, ...], proposal: str, scale: float = 1.0,
+                         d: int = 50, k: int = 10, sigma: float = 0.5, seed: int = 0) -> MarginalCase:
     """pPCA (x ∈ R^d, z ∈ R^k) at a fixed x drawn from the model; proposal ``"prior"`` or ``"posterior"``
     (the exact posterior with its standard deviation times ``scale``)."""
     model = LinearGaussian.random(d, k, sigma, seed)
@@ -87,24 +88,21 @@ def linear_gaussian_case(name: str, proposal: str, scale: float = 1.0, d: int = 
     post = model.posterior(x)
     if proposal == "prior":
         q = MultivariateNormal(torch.zeros(k, dtype=x.dtype), torch.eye(k, dtype=x.dtype))
-        what = "the prior N(0, I)"
     elif proposal == "posterior":
         q = model.posterior(x, scale=scale)
-        what = f"the exact posterior with its standard deviation × {scale:g}"
     else:
         raise ValueError(f"proposal must be 'prior' or 'posterior', got {proposal!r}")
     how = "Gaussian Rényi integrals ∫ p(z|x)^m q^{1−m}, m = 2, 3"
     log_p = float(model.log_marginal(x.unsqueeze(0))[0])
     return MarginalCase(
-        name, f"pPCA x ∈ R^{d}, z ∈ R^{k}, σ = {sigma:g}; proposal: {what}",
-        _gaussian_draw(q, pca_log_joint(model, x)),
+        name, description, _gaussian_draw(q, pca_log_joint(model, x)),
         Truth(log_p, "closed form", 0.0, "log N(x; b, WWᵀ + σ²I)"),
         _moments(gaussian_power_integral(post, q, 2.0), gaussian_power_integral(post, q, 3.0), how),
-        Truth(-float(kl_divergence(q, post)), "closed form", 0.0, "−KL(q ‖ p(z|x)) between two Gaussians"))
+        Truth(-float(kl_divergence(q, post)), "closed form", 0.0, "−KL(q ‖ p(z|x)) between two Gaussians"), tags)
 
 
-def discrete_case(name: str, log_p: float, posterior: Categorical, prior: Categorical, log_joint,
-                  description: str) -> MarginalCase:
+def discrete_case(name: str, description: str, tags: tuple[str, ...], log_p: float, posterior: Categorical,
+                  prior: Categorical, log_joint) -> MarginalCase:
     """A discrete latent z ∈ {0..n−1} with the prior as proposal, at one x (``posterior`` = p(z|x),
     ``log_joint(z)`` = log p(x, z)); moments and the ELBO gap are finite sums."""
     posterior = Categorical(logits=posterior.logits.reshape(-1))
@@ -119,35 +117,35 @@ def discrete_case(name: str, log_p: float, posterior: Categorical, prior: Catego
 
     return MarginalCase(name, description, sampler, Truth(log_p, "enumeration", 0.0, "Σ_z p(x, z)"),
                         _moments(raw(2.0), raw(3.0), "finite sums over the latent values"),
-                        Truth(-float(kl_divergence(prior, posterior)), "enumeration", 0.0, "−KL(prior ‖ p(z|x))"))
+                        Truth(-float(kl_divergence(prior, posterior)), "enumeration", 0.0, "−KL(prior ‖ p(z|x))"),
+                        tags)
 
 
-def _mixture_case() -> MarginalCase:
+def _mixture_case(name: str, description: str, tags: tuple[str, ...]) -> MarginalCase:
     g = torch.Generator().manual_seed(7)
     model = DiscreteLatent(torch.full((8,), 1 / 8, dtype=torch.float64),
                            2.0 * torch.randn(8, 5, generator=g, dtype=torch.float64), 1.0)
     x = _observation(model, 8)
-    return discrete_case("mixture-prior", float(model.log_marginal(x.unsqueeze(0))[0]),
-                         model.posterior(x.unsqueeze(0)), model.prior,
-                         lambda z: model.log_joint(x, z),
-                         "8 Gaussians in R^5 as a model with a categorical code; proposal: the prior")
+    return discrete_case(name, description, tags, float(model.log_marginal(x.unsqueeze(0))[0]),
+                         model.posterior(x.unsqueeze(0)), model.prior, lambda z: model.log_joint(x, z))
 
 
-def _bayesnet_case() -> MarginalCase:
+def _bayesnet_case(name: str, description: str, tags: tuple[str, ...]) -> MarginalCase:
     cards = [2, 3, 2, 2, 3, 2, 2, 2]
     parents = [[], [0], [0], [1, 2], [1], [3], [3, 4], [4]]
     net = DiscreteBayesNet.random(cards, parents, seed=11, concentration=0.5, hidden=(0, 1, 3))
     x = net.sample(1, generator=torch.Generator().manual_seed(12))[0, list(net.observed)]
     hidden = net.hidden_states()
-    return discrete_case("bayesnet-prior", float(net.log_marginal(x.unsqueeze(0))[0]),
-                         net.posterior(x.unsqueeze(0)), net.prior_over_hidden(),
-                         lambda z: net.log_joint(x, hidden[z]),
-                         "a Bayesian network over 8 categorical nodes, 3 of them hidden (12 configurations); "
-                         "proposal: the prior over the hidden nodes")
+    return discrete_case(name, description, tags, float(net.log_marginal(x.unsqueeze(0))[0]),
+                         net.posterior(x.unsqueeze(0)), net.prior_over_hidden(), lambda z: net.log_joint(x, hidden[z]))
 
 
-register_marginal_case("lg-posterior-1.2", lambda: linear_gaussian_case(
-    "lg-posterior-1.2", "posterior", 1.2))
-register_marginal_case("lg-prior", lambda: linear_gaussian_case("lg-prior", "prior"))
-register_marginal_case("mixture-prior", _mixture_case)
-register_marginal_case("bayesnet-prior", _bayesnet_case)
+_PCA = "pPCA x ∈ R^50, z ∈ R^10, σ = 0.5; proposal: "
+register_marginal_case("lg-posterior-1.2", partial(linear_gaussian_case, proposal="posterior", scale=1.2),
+                       description=_PCA + "the exact posterior with its standard deviation × 1.2", tags=("report",))
+register_marginal_case("lg-prior", partial(linear_gaussian_case, proposal="prior"), description=_PCA + "the prior N(0, I)")
+register_marginal_case("mixture-prior", _mixture_case, tags=("report",),
+                       description="8 Gaussians in R^5 as a model with a categorical code; proposal: the prior")
+register_marginal_case("bayesnet-prior", _bayesnet_case, tags=("report",),
+                       description="a Bayesian network over 8 categorical nodes, 3 of them hidden (12 configurations); "
+                                   "proposal: the prior over the hidden nodes")

@@ -13,18 +13,19 @@ Its truth is an exact sum over every sequence (≤ 10⁶ of them) in float64,
 
 with ``m_t`` the mask (all ones, or up to and including the first end-of-sequence token, in which case
 the sum is the KL between the two distributions of variable-length sequences). The token-level ratio
-moments that the built-in estimators' expectations need are enumerated alongside, with
+moments that per-token estimators' expectations need are enumerated alongside, with
 r_t = q(x_t | x_<t)/p(x_t | x_<t): ``mean_log_r2`` = E_p[Σ_t m_t (log r_t)²],
 ``mean_r`` = 1 + E_p[Σ_t m_t (r_t − 1)] (1 exactly when q's support lies inside p's at every prefix),
 ``mean_r2`` = E_p[Σ_t m_t r_t²]. So a per-token estimator summed over the sequence has the same
-expectation formulas as on a single-step case (k3: KL + mean_r − 1).
+expectation formulas as on a single-step case (k3: KL + mean_r − 1). Any other exact moment of an
+estimator is a weighted sum over :meth:`SequenceKLCase.enumeration`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +33,13 @@ from torch.distributions import Bernoulli
 from torch.distributions import Categorical as _Categorical
 
 from .bayesnet import DiscreteBayesNet
-from .cases import KLCase
+from .cases import DEFAULT_TAGS, RatioCase
+from .registry import register_case
 from .transformer import all_sequences
 from .truth import RatioMoments, Truth
 
-__all__ = ["SequenceSample", "SequenceTable", "SequenceKLCase", "SEQUENCE_CASES", "sequence_case_names",
-           "get_sequence_case", "Tempered", "TopK", "BayesNetAR", "token_log_probs", "enumerated_logits",
-           "sequence_table", "sequence_moments", "EXACT_VARIANCE_OF"]
+__all__ = ["SequenceSample", "SequenceTable", "SequenceKLCase", "Tempered", "TopK", "BayesNetAR", "token_log_probs",
+           "enumerated_logits", "sequence_table", "sequence_moments", "expectation", "enumerated_truth"]
 
 _BATCH = 2 ** 15  # sequences per enumeration batch
 
@@ -134,15 +135,22 @@ class SequenceTable:
 
 
 @dataclass(frozen=True, eq=False)
-class SequenceKLCase(KLCase):
-    """A named pair of autoregressive models; ``p`` and ``q`` are the models, ``table`` every sequence."""
+class SequenceKLCase(RatioCase):
+    """A named pair of autoregressive models ``p`` and ``q`` with every sequence enumerated in ``table``."""
 
-    length: int = 0
-    binary: bool = True  # Bernoulli conditionals [n, D]; else categorical [n, T, vocab]
-    vocab: int = 2
-    eos: int | None = None  # token that ends a sequence (masked after it), categorical models only
-    table: SequenceTable | None = None
-    variances: dict = field(default_factory=dict)  # exact per-sequence variances and 4th moments
+    kind: ClassVar[str] = "sequence"
+
+    name: str
+    p: nn.Module
+    q: nn.Module
+    moments: RatioMoments
+    description: str
+    tags: tuple[str, ...]
+    length: int
+    binary: bool  # Bernoulli conditionals [n, D]; else categorical [n, T, vocab]
+    vocab: int
+    eos: int | None  # token that ends a sequence (masked after it), categorical models only
+    table: SequenceTable
 
     @property
     def finite_support(self) -> bool:
@@ -159,14 +167,27 @@ class SequenceKLCase(KLCase):
         """Elements per sequence: its tokens times the logits drawn for each."""
         return self.length * (1 if self.binary else self.vocab)
 
-    def draw(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> SequenceSample:
-        """n sequences x ~ p, exactly: inverse-CDF sampling over the enumerated sequences (the same law as
-        ancestral sampling through the conditionals, without n·T forward passes), in ``dtype``."""
-        t = self.table
-        u = 1.0 - torch.rand(n, generator=generator, dtype=torch.float64)  # (0, 1]: never a zero-mass state
+    @property
+    def device(self) -> torch.device:
+        """Where the table lives (and so where a generator for :meth:`draw` lives)."""
+        return self.table.cdf.device
+
+    def draw(self, size: int, generator: torch.Generator | None = None,
+             dtype: torch.dtype | None = None) -> SequenceSample:
+        """``size`` sequences x ~ p, exactly: inverse-CDF sampling over the enumerated sequences (the same law as
+        ancestral sampling through the conditionals, without n·T forward passes), in ``dtype`` (float64 by
+        default)."""
+        t, dtype = self.table, dtype or torch.float64
+        u = 1.0 - torch.rand(size, generator=generator, dtype=torch.float64)  # (0, 1]: never a zero-mass state
         idx = torch.searchsorted(t.cdf, u * t.cdf[-1]).clamp_max(t.cdf.numel() - 1)
         return SequenceSample(t.log_p[idx].to(dtype), t.log_q[idx].to(dtype), t.mask[idx],
                               t.logits_p[idx].to(dtype), t.logits_q[idx].to(dtype))
+
+    def enumeration(self) -> tuple[SequenceSample, Tensor]:
+        """Every enumerated sequence as a float64 :class:`SequenceSample` [S, ...], with its probability p(x)
+        [S] in float64 (0 on the states p cannot produce), so that Σ_x p(x) f(x) is any exact expectation."""
+        t = self.table
+        return SequenceSample(t.log_p, t.log_q, t.mask, t.logits_p, t.logits_q), torch.exp(t.log_mass)
 
 
 def _mask(x: Tensor, eos: int | None) -> Tensor:
@@ -210,53 +231,38 @@ def sequence_table(p, q, length: int, binary: bool, vocab: int = 2, eos: int | N
                          torch.cumsum(torch.exp(log_mass), 0))
 
 
-def _step_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """KL(p(·|x_<t) ‖ q(·|x_<t)) at every position: Bernoulli logits [n, D] or categorical [n, T, V]."""
-    if logits_p.dim() == 2:
-        logits_p, logits_q = torch.stack([torch.zeros_like(logits_p), logits_p], -1), \
-            torch.stack([torch.zeros_like(logits_q), logits_q], -1)
-    lp, lq = torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1)
-    return torch.where(lp > -math.inf, lp.exp() * (lp - lq), 0.0).sum(-1)
+def expectation(w: Tensor, v: Tensor) -> float:
+    """Σ_x w(x) v(x) over an enumeration with weights w = p(x): the states with w = 0 never contribute, so a NaN
+    or inf of v there is ignored."""
+    return float((w * torch.where(w > 0, v, 0.0)).sum())
 
 
-#: The per-sequence estimators whose exact variance a case enumerates: k1 and k3 summed over tokens, k3 of
-#: the whole-sequence ratio, and the Rao-Blackwellized sum of exact next-step KLs.
-EXACT_VARIANCE_OF = ("k1", "k3", "seq_k3", "rao_blackwell")
+def enumerated_truth(w: Tensor, value: float, note: str) -> Truth:
+    """A value summed over an enumeration with weights ``w``, bounded by how far their total is from 1."""
+    return Truth(value, "enumeration", abs(float(w.sum()) - 1.0) * max(1.0, abs(value)) + 1e-12, note)
 
 
-def sequence_moments(t: SequenceTable) -> tuple[RatioMoments, dict[str, Truth]]:
-    """The exact token-level moments of the module docstring, and the exact per-sequence variances (and, as
-    ``NAME:m4``, 4th central moments) of :data:`EXACT_VARIANCE_OF`, as sums over the enumerated sequences weighted by p(x), in float64."""
+def sequence_moments(t: SequenceTable) -> RatioMoments:
+    """The exact token-level moments of the module docstring, as sums over the enumerated sequences weighted by
+    p(x), in float64."""
     w = torch.exp(t.log_mass)
     log_r = torch.where(t.mask, t.log_q - t.log_p, 0.0)
     r = torch.exp(log_r)
-    per_seq = dict(k1=-log_r.sum(-1), k3=torch.where(t.mask, r - 1 - log_r, 0.0).sum(-1),
-                   seq_k3=torch.expm1(log_r.sum(-1)) - log_r.sum(-1),
-                   rao_blackwell=torch.where(t.mask, _step_kl(t.logits_p, t.logits_q), 0.0).sum(-1))
-    expect = lambda v: float((w * torch.where(w > 0, v, 0.0)).sum())
+    expect = lambda v: expectation(w, v)
     mass = float(w.sum())
-    mass_error = abs(mass - 1.0)
-    if mass_error > 1e-6:
+    if abs(mass - 1.0) > 1e-6:
         raise ValueError(f"p is not normalized over the {w.numel()} sequences: total mass {mass:.9f}")
     how = f"{w.numel()} sequences in float64"
+    truth = lambda value, note: enumerated_truth(w, value, note)
 
-    def truth(value: float, note: str) -> Truth:
-        return Truth(value, "enumeration", mass_error * max(1.0, abs(value)) + 1e-12, note)
-
-    moments = RatioMoments(
-        kl=truth(expect(per_seq["k1"]), how),
+    return RatioMoments(
+        kl=truth(expect(-log_r.sum(-1)), how),
         reverse_kl=Truth(math.nan, "not defined",
                          note="a per-token reverse estimator summed along sequences drawn from p targets no "
                               "sequence-level KL(q‖p)"),
         mean_log_r2=truth(expect((log_r ** 2).sum(-1)), how + ", per-token (log r_t)² summed"),
         mean_r=truth(1.0 + expect(torch.where(t.mask, r - 1, 0.0).sum(-1)), how + ": 1 + E_p[Σ_t (r_t − 1)]"),
         mean_r2=truth(expect(torch.where(t.mask, r * r, 0.0).sum(-1)), how + ", per-token r_t² summed"))
-    variances = {}
-    for k, v in per_seq.items():
-        c = v - expect(v)
-        variances[k] = truth(expect(c * c), how + f": Var_p of the per-sequence {k}")
-        variances[f"{k}:m4"] = truth(expect(c ** 4), how + f": 4th central moment of the per-sequence {k}")
-    return moments, variances
 
 
 @lru_cache(maxsize=None)
@@ -279,34 +285,6 @@ def _bn(q: str):
     return BayesNetAR(bn), _trained(q)
 
 
-#: name -> (builder of (p, q), kind: "binary" | "tokens", eos, description). Names never change meaning.
-SEQUENCE_CASES: dict[str, tuple[Callable[[], tuple], str, int | None, str]] = {
-    "seq-bn-vs-fvsbn": (lambda: _bn("fvsbn-bn"), "binary", None,
-        "a known Bayesian network (the data source) ‖ the FVSBN trained on its samples: KL(data ‖ model)"),
-    "seq-bn-vs-made": (lambda: _bn("made-bn"), "binary", None,
-        "the Bayesian network ‖ the MADE trained on its samples"),
-    "seq-nade-vs-fvsbn-digits": (lambda: (_trained("nade-digits"), _trained("fvsbn-digits")), "binary", None,
-        "NADE ‖ FVSBN, both trained on binarized 4×4 scikit-learn digits: two model families as policy and reference"),
-    "seq-nade-digits-steps": (lambda: (_trained("nade-digits"), _trained("nade-digits@100")), "binary", None,
-        "NADE on digits ‖ the same NADE early in training (a policy drifting from its reference)"),
-    "seq-hmm-vs-transformer": (lambda: (_sources()[1], _trained("transformer-hmm")), "tokens", None,
-        "the hidden Markov source ‖ the transformer trained on its samples: KL(source ‖ model)"),
-    "seq-transformer-steps": (lambda: (_trained("transformer-hmm"), _trained("transformer-hmm@200")), "tokens",
-        None, "the transformer ‖ itself early in training (policy ‖ reference, as in RLHF)"),
-    "seq-transformer-temperature": (lambda: (Tempered(_trained("transformer-hmm"), 0.7),
-                                             _trained("transformer-hmm")), "tokens", None,
-        "the transformer sampled at temperature 0.7 ‖ at temperature 1"),
-    "seq-transformer-eos": (lambda: (_trained("transformer-hmm"), _trained("transformer-hmm@200")), "tokens", 0,
-        "as seq-transformer-steps, with token 0 ending a sequence: variable lengths, masked after the end"),
-    "seq-transformer-top-k": (lambda: (TopK(_trained("transformer-hmm"), 2), _trained("transformer-hmm")), "tokens",
-        None, "the transformer truncated to its top-2 tokens ‖ untruncated: q has mass outside p's support"),
-}
-
-
-def sequence_case_names() -> list[str]:
-    return list(SEQUENCE_CASES)
-
-
 def _shape_of(p, binary: bool) -> tuple[int, int]:
     """(length, vocab) of a model, read off its conditionals on one sequence."""
     if binary:
@@ -317,16 +295,38 @@ def _shape_of(p, binary: bool) -> tuple[int, int]:
     return int(length), int(vocab)
 
 
-@lru_cache(maxsize=None)
-def get_sequence_case(name: str) -> SequenceKLCase:
-    """The named sequence case with its exact moments (enumerated once, then cached)."""
-    if name not in SEQUENCE_CASES:
-        raise ValueError(f"unknown sequence case {name!r}; known: {', '.join(SEQUENCE_CASES)}")
-    build, kind, eos, description = SEQUENCE_CASES[name]
-    p, q = build()
-    binary = kind == "binary"
-    length, vocab = _shape_of(p, binary)
-    table = sequence_table(p, q, length, binary, vocab, eos)
-    moments, variances = sequence_moments(table)
-    return SequenceKLCase(name, p, q, moments, description, length=length, binary=binary, vocab=vocab, eos=eos,
-                          table=table, variances=variances)
+def _register(name: str, pair: Callable[[], tuple], tokens: str, eos: int | None, description: str) -> None:
+    """Register a sequence case: ``pair()`` builds (p, q), ``tokens`` is "binary" or "tokens"; the case enumerates
+    every sequence once, when first asked for."""
+    def build() -> SequenceKLCase:
+        p, q = pair()
+        binary = tokens == "binary"
+        length, vocab = _shape_of(p, binary)
+        table = sequence_table(p, q, length, binary, vocab, eos)
+        return SequenceKLCase(name, p, q, sequence_moments(table), description, DEFAULT_TAGS, length, binary, vocab,
+                              eos, table)
+
+    register_case(name, build, kind="sequence", tags=DEFAULT_TAGS, description=description)
+
+
+_register("seq-bn-vs-fvsbn", lambda: _bn("fvsbn-bn"), "binary", None,
+          "a known Bayesian network (the data source) ‖ the FVSBN trained on its samples: KL(data ‖ model)")
+_register("seq-bn-vs-made", lambda: _bn("made-bn"), "binary", None,
+          "the Bayesian network ‖ the MADE trained on its samples")
+_register("seq-nade-vs-fvsbn-digits", lambda: (_trained("nade-digits"), _trained("fvsbn-digits")), "binary", None,
+          "NADE ‖ FVSBN, both trained on binarized 4×4 scikit-learn digits: two model families as policy and "
+          "reference")
+_register("seq-nade-digits-steps", lambda: (_trained("nade-digits"), _trained("nade-digits@100")), "binary", None,
+          "NADE on digits ‖ the same NADE early in training (a policy drifting from its reference)")
+_register("seq-hmm-vs-transformer", lambda: (_sources()[1], _trained("transformer-hmm")), "tokens", None,
+          "the hidden Markov source ‖ the transformer trained on its samples: KL(source ‖ model)")
+_register("seq-transformer-steps", lambda: (_trained("transformer-hmm"), _trained("transformer-hmm@200")), "tokens",
+          None, "the transformer ‖ itself early in training (policy ‖ reference, as in RLHF)")
+_register("seq-transformer-temperature",
+          lambda: (Tempered(_trained("transformer-hmm"), 0.7), _trained("transformer-hmm")), "tokens", None,
+          "the transformer sampled at temperature 0.7 ‖ at temperature 1")
+_register("seq-transformer-eos", lambda: (_trained("transformer-hmm"), _trained("transformer-hmm@200")), "tokens", 0,
+          "as seq-transformer-steps, with token 0 ending a sequence: variable lengths, masked after the end")
+_register("seq-transformer-top-k", lambda: (TopK(_trained("transformer-hmm"), 2), _trained("transformer-hmm")),
+          "tokens", None,
+          "the transformer truncated to its top-2 tokens ‖ untruncated: q has mass outside p's support")

@@ -12,14 +12,16 @@ With :math:`\log r = \log q(x) - \log p(x)` and :math:`x \sim p`, :func:`ratio_m
 - ``mean_r``      :math:`E_p[r] = q(\mathrm{supp}\,p)`, which is 1 exactly when q's support lies inside p's
 - ``mean_r2``     :math:`E_p[r^2] = \int q^2/p`; k3's variance is finite iff this is.
 
-Methods: Gaussian pairs in closed form (log r is a quadratic form of a Gaussian vector); categorical
-pairs by enumeration in float64; uniform pairs in closed form; any other pair of 1-D densities by
+Methods, chosen by the pair's types through :func:`register_truth` (as ``torch.distributions.register_kl``):
+Gaussian pairs in closed form (log r is a quadratic form of a Gaussian vector); categorical pairs by
+enumeration in float64; uniform pairs in closed form; any other pair of 1-D densities by
 ``scipy.integrate.quad`` over intervals split at the components' means, with its absolute error bound.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from scipy import integrate
 
 from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceModel, Uniform
 
-__all__ = ["Truth", "RatioMoments", "exact_kl", "ratio_moments"]
+__all__ = ["Truth", "RatioMoments", "exact_kl", "ratio_moments", "register_truth"]
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -83,24 +85,30 @@ def ratio_moments(p: ReferenceModel, q: ReferenceModel) -> RatioMoments:
     return RatioMoments(reverse_kl=exact_kl(q, p), **_forward_moments(p, q))
 
 
+_Method = Callable[[ReferenceModel, ReferenceModel], dict[str, Truth]]
+_METHODS: dict[tuple[type, type], _Method] = {}
+
+
+def register_truth(type_p: type, type_q: type) -> Callable[[_Method], _Method]:
+    """Decorate ``method(p, q) -> {kl, mean_log_r2, mean_r, mean_r2}`` (each a :class:`Truth`) as the exact
+    method for pairs of these types. A pair uses the method registered for the most specific types along
+    p's MRO, then q's; ``method`` raises a ValueError for a pair of those types it cannot handle."""
+    def add(method: _Method) -> _Method:
+        if (type_p, type_q) in _METHODS:
+            raise ValueError(f"a method for {type_p.__name__} ‖ {type_q.__name__} is already registered")
+        _METHODS[type_p, type_q] = method
+        return method
+    return add
+
+
 def _forward_moments(p, q) -> dict[str, Truth]:
     for name, value in (("p", p), ("q", q)):
         if not isinstance(value, ReferenceModel):
             raise ValueError(f"{name} must be a ReferenceModel, got {type(value).__name__}")
     if tuple(p.event_shape) != tuple(q.event_shape):
         raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} and {tuple(q.event_shape)}")
-    if isinstance(p, Gaussian) and isinstance(q, Gaussian):
-        return _gaussian(p, q)
-    if isinstance(p, Categorical) and isinstance(q, Categorical):
-        if p.vocab_size != q.vocab_size:
-            raise ValueError(f"p and q have different vocabulary sizes: {p.vocab_size} and {q.vocab_size}")
-        return _enumeration(p, q)
-    if isinstance(p, Uniform) and isinstance(q, Uniform):
-        return _uniform(p, q)
-    if _is_1d_continuous(p) and _is_1d_continuous(q):
-        return _quadrature(p, q)
-    raise ValueError(f"no exact method for the pair {type(p).__name__} ‖ {type(q).__name__} "
-                     f"with event shape {tuple(p.event_shape)}")
+    method = next(_METHODS[tp, tq] for tp in type(p).__mro__ for tq in type(q).__mro__ if (tp, tq) in _METHODS)
+    return method(p, q)
 
 
 def _infinite(note: str) -> Truth:
@@ -109,6 +117,7 @@ def _infinite(note: str) -> Truth:
 
 # --- Gaussian pairs: log r is a quadratic form of x ~ p --------------------------------------------
 
+@register_truth(Gaussian, Gaussian)
 def _gaussian(p: Gaussian, q: Gaussian) -> dict[str, Truth]:
     r"""Write x = μ_p + u, u ~ N(0, S). Then log r = ½uᵀAu + bᵀu + c with A = S⁻¹ - Σ_q⁻¹, b = -Σ_q⁻¹δ,
     δ = μ_p - μ_q, c = ½log(|S|/|Σ_q|) - ½δᵀΣ_q⁻¹δ, and E[Q] = ½tr(AS) + c, Var[Q] = ½tr(ASAS) + bᵀSb.
@@ -149,7 +158,10 @@ def _gaussian(p: Gaussian, q: Gaussian) -> dict[str, Truth]:
 
 # --- categorical pairs: enumeration over the vocabulary ---------------------------------------------
 
+@register_truth(Categorical, Categorical)
 def _enumeration(p: Categorical, q: Categorical) -> dict[str, Truth]:
+    if p.vocab_size != q.vocab_size:
+        raise ValueError(f"p and q have different vocabulary sizes: {p.vocab_size} and {q.vocab_size}")
     lp, lq = p.logits.double().cpu(), q.logits.double().cpu()
     on = torch.isfinite(lp)
     pp = torch.exp(lp[on])
@@ -171,6 +183,7 @@ def _enumeration(p: Categorical, q: Categorical) -> dict[str, Truth]:
 
 # --- uniform pairs ------------------------------------------------------------------------------------
 
+@register_truth(Uniform, Uniform)
 def _uniform(p: Uniform, q: Uniform) -> dict[str, Truth]:
     """On p's support r = |p|/|q| inside q's support and 0 outside it."""
     wp, wq = float(p.high - p.low), float(q.high - q.low)
@@ -216,7 +229,12 @@ def _breakpoints(*models) -> list[float]:
     return sorted(set(pts))
 
 
+@register_truth(ReferenceModel, ReferenceModel)
 def _quadrature(p, q) -> dict[str, Truth]:
+    """The fallback: adaptive quadrature for any pair of 1-D densities; a ValueError for any other pair."""
+    if not (_is_1d_continuous(p) and _is_1d_continuous(q)):
+        raise ValueError(f"no exact method for the pair {type(p).__name__} ‖ {type(q).__name__} "
+                         f"with event shape {tuple(p.event_shape)}")
     lo, hi = _support(p)
     qlo, qhi = _support(q)
     edges = [lo] + [x for x in _breakpoints(p, q) if lo < x < hi] + [hi]

@@ -21,21 +21,24 @@ k3's expectation, so that the bias their clamps add shows. A log-marginal estima
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from estimators import kl, marginal, sequence
-from reference_models import SequenceSample
+from reference_models import SequenceSample, Truth
+from reference_models.sequence_cases import enumerated_truth, expectation
 
 from . import stats
 
-__all__ = ["FORMS", "KL_FORMS", "TARGETS", "EstimatorSpec", "ESTIMATORS", "register_estimator", "get_estimator",
-           "estimator_names", "is_builtin", "per_sample_estimates", "exact_moments"]
+__all__ = ["FORMS", "KL_FORMS", "KL_KINDS", "TARGETS", "EstimatorSpec", "ESTIMATORS", "register_estimator", "get_estimator",
+           "estimator_names", "per_sample_estimates", "exact_moments"]
 
 FORMS = ("token", "sequence", "logits", "log_weights")
 KL_FORMS = FORMS[:3]  # the forms of KL estimators
+KL_KINDS = ("kl", "sequence")  # the kinds of case a KL estimator runs on
 TARGETS = ("kl", "reverse_kl", "log_marginal")
 
 _ARGUMENTS = {"token": ("log_p", "log_q"), "sequence": ("log_p", "log_q", "mask"),
@@ -50,7 +53,8 @@ class EstimatorSpec:
     r = q/p, so it needs E_p[r] = 1 and has finite variance iff E_p[r²] < ∞; ``couples_samples``: mixes the
     samples of one estimate (leave-one-out λ), so it has no per-token use; ``expectation(case)``: its exact
     E[estimate] (default: the target's value for a KL estimator, unknown for a log-marginal one);
-    ``clamps``: the estimator a production variant clamps; ``min_k``: the fewest weights a log-marginal
+    ``clamps``: the estimator a production variant clamps; ``enumerated``: the gate sizes its cells on a
+    sequence case from its exact per-sequence kurtosis (:func:`exact_moments`); ``min_k``: the fewest weights a log-marginal
     estimator takes; ``theory(case, K)``: its predicted bias to (first, second) order, None where the case
     lacks the moments."""
 
@@ -64,6 +68,7 @@ class EstimatorSpec:
     couples_samples: bool = False
     expectation: Callable[[object], float | None] | None = None
     clamps: str | None = None
+    enumerated: bool = False
     min_k: int = 1
     theory: Callable[[object, int], tuple[float, float] | None] | None = None
 
@@ -147,9 +152,10 @@ def register_estimator(spec: EstimatorSpec) -> EstimatorSpec:
 
 
 for _spec in [
-    EstimatorSpec("k1", kl.k1, "k1 = −log r", unbiased=True),
+    EstimatorSpec("k1", kl.k1, "k1 = −log r", unbiased=True, enumerated=True),
     EstimatorSpec("k2", kl.k2, "k2 = (log r)²/2", expectation=lambda c: c.moments.mean_log_r2.value / 2),
-    EstimatorSpec("k3", kl.k3, "k3 = (r − 1) − log r", unbiased=True, uses_ratio=True, expectation=_k3_expectation),
+    EstimatorSpec("k3", kl.k3, "k3 = (r − 1) − log r", unbiased=True, uses_ratio=True, expectation=_k3_expectation,
+                  enumerated=True),
     EstimatorSpec("k1_cv", kl.k1_control_variate, "k1 + λ̂₋ᵢ(r − 1), leave-one-out λ", unbiased=True,
                   uses_ratio=True, expectation=_k3_family, couples_samples=True),
     EstimatorSpec("reverse_kl", kl.reverse_kl, "r log r − (r − 1) → KL(q‖p)", target="reverse_kl", unbiased=True,
@@ -162,9 +168,9 @@ for _spec in [
                   clamps="k3"),
     # Sequence-only forms.
     EstimatorSpec("seq_k3", sequence.sequence_k3, "k3 of the whole-sequence ratio R = Π r_t", form="sequence",
-                  unbiased=True, uses_ratio=True, expectation=_k3_family),
+                  unbiased=True, uses_ratio=True, expectation=_k3_family, enumerated=True),
     EstimatorSpec("rao_blackwell", _rao_blackwell, "Σ_t KL(p(·|x_<t) ‖ q(·|x_<t)), Rao-Blackwellized",
-                  form="logits", unbiased=True),
+                  form="logits", unbiased=True, enumerated=True),
     # Log-marginal estimators from K importance weights.
     EstimatorSpec("log_mean_exp", marginal.log_mean_exp, "log (1/K) Σ w_k (IWAE)", form="log_weights",
                   theory=_log_mean_exp_theory),
@@ -191,11 +197,6 @@ def estimator_names(*forms: str, unbiased: bool | None = None) -> list[str]:
             if (not forms or s.form in forms) and (unbiased is None or s.unbiased == unbiased)]
 
 
-def is_builtin(spec: EstimatorSpec) -> bool:
-    """``spec`` is the registered estimator of its name (so its documented properties are known)."""
-    return ESTIMATORS.get(spec.name) is spec
-
-
 def per_sample_estimates(spec: EstimatorSpec, sample, timeout: float | None = None, finite: bool = True) -> Tensor:
     """The estimate of every sample, float64 on the CPU: ``spec.fn`` on a ``PairSample``, on a
     ``SequenceSample`` (one estimate per sequence [B]; a token-form estimate is summed where the mask is
@@ -215,5 +216,15 @@ def per_sample_estimates(spec: EstimatorSpec, sample, timeout: float | None = No
     return stats.require_finite(out) if finite else out
 
 
-def exact_moments(spec: EstimatorSpec, case) -> dict[str, float]:
-    raise NotImplementedError
+@lru_cache(maxsize=None)
+def exact_moments(spec: EstimatorSpec, case) -> dict[str, Truth]:
+    """The exact mean, variance and 4th central moment (``"mean"``, ``"var"``, ``"m4"``) of the estimator's
+    per-sequence estimate on a sequence case: the estimator applied to every enumerated sequence in float64,
+    weighted by p(x) (states p cannot produce never contribute). Computed once per spec and case."""
+    sample, w = case.enumeration()
+    v = per_sample_estimates(spec, sample, finite=False)
+    truth = lambda value, what: enumerated_truth(w, value, f"{w.numel()} sequences in float64: {what} of {spec.name}")
+    mean = expectation(w, v)
+    c = v - mean
+    return dict(mean=truth(mean, "E_p of the per-sequence estimate"), var=truth(expectation(w, c * c), "Var_p"),
+                m4=truth(expectation(w, c ** 4), "4th central moment"))

@@ -12,12 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from reference_models import case_names, get_case
-from reference_models.sequence_cases import sequence_case_names
 
-from .catalog import ESTIMATORS
+from .catalog import ESTIMATORS, KL_KINDS
 from .stats import CAUGHT, HOLDS
+from .study import StudyConfig, run_study
 from .usercode import SignatureMismatch, abandoned
-from .study import StudyConfig, any_case, run_study
 
 EXIT_OK, EXIT_CAUGHT, EXIT_USAGE = 0, 1, 2
 DEFAULT_TIMEOUT = 60.0  # seconds per call of a gated estimator (one chunk of up to 2^21 samples)
@@ -27,7 +26,6 @@ QUICK_NS = (10, 100)
 SEQUENCE_REPLICATES = 20  # × --replicates: the sequence study's replicates of one sequence each (n = 1)
 MARGINAL_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 QUICK_MARGINAL_KS = (1, 4, 16, 64)
-MARGINAL_CASES = ("lognormal-0.5", "lognormal-1", "lg-posterior-1.2", "mixture-prior", "bayesnet-prior")
 
 
 class UsageError(Exception):
@@ -66,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="KL and sequence cases to run (default: all); sequence cases run with n = 1 and "
                              f"{SEQUENCE_REPLICATES}× the replicates")
     report.add_argument("--marginal-cases", nargs="+", metavar="CASE",
-                        help=f"marginal-likelihood cases for the bias-vs-K study (default: {' '.join(MARGINAL_CASES)})")
+                        help=f"marginal-likelihood cases for the bias-vs-K study (default: "
+                             f"{' '.join(case_names(kind='marginal', tag='report'))})")
     report.add_argument("--estimators", nargs="+", metavar="NAME", help="estimators (default: all built-ins)")
     report.add_argument("--n", nargs="+", type=int, metavar="N", help=f"samples per estimate (default: {DEFAULT_NS})")
     report.add_argument("--replicates", type=int, default=None, help="replicates per cell (default: 1000)")
@@ -121,17 +120,15 @@ def _check_names(names, known, what) -> tuple[str, ...]:
 
 
 def _cases(args) -> int:
-    from reference_models.marginal_cases import get_marginal_case, marginal_case_names
-
     print("KL cases (x ~ p, KL(p‖q)) and sequence cases (x ~ p a whole sequence, per-token estimates summed):")
-    for name in case_names() + sequence_case_names():
-        case = any_case(name)
+    for name in case_names(kind=KL_KINDS):
+        case = get_case(name)
         broken = f"  [breaks: {', '.join(case.breaks)}]" if case.breaks else ""
         print(f"{name:28s} KL = {case.truth.value:<12.6g} {case.truth.describe()}{broken}")
         print(f"{'':28s} {case.description}")
     print("\nmarginal-likelihood cases (log importance weights, exact log p(x)):")
-    for name in marginal_case_names():
-        case = get_marginal_case(name)
+    for name in case_names(kind="marginal"):
+        case = get_case(name)
         print(f"{name:28s} log p(x) = {case.log_marginal.value:<10.6g} {case.log_marginal.describe()}")
         print(f"{'':28s} {case.description}")
     return EXIT_OK
@@ -171,18 +168,16 @@ def _train(args) -> int:
 
 
 def _report(args) -> int:
-    from reference_models.marginal_cases import marginal_case_names
-
     from .html import write_report  # seaborn/matplotlib only load for the report
     from .marginal_study import run_marginal_study
 
-    known = case_names() + sequence_case_names()
-    cases = _check_names(args.cases or known, known, "case")
+    cases = _check_names(args.cases or case_names(kind=KL_KINDS, tag="report"), case_names(kind=KL_KINDS), "case")
     estimators = _check_names(args.estimators or list(ESTIMATORS), list(ESTIMATORS), "estimator")
-    marginal = _check_names(args.marginal_cases or MARGINAL_CASES, marginal_case_names(), "marginal case")
+    marginal = _check_names(args.marginal_cases or case_names(kind="marginal", tag="report"),
+                            case_names(kind="marginal"), "marginal case")
     ns = tuple(args.n or (QUICK_NS if args.quick else DEFAULT_NS))
     replicates = args.replicates or (100 if args.quick else 1000)
-    kl_cases = tuple(c for c in cases if c in case_names())
+    kl_cases = tuple(c for c in cases if c in case_names(kind="kl"))
     seq_cases = tuple(c for c in cases if c not in kl_cases)
     kl_est = tuple(e for e in estimators if ESTIMATORS[e].form == "token")
     seq_est = tuple(e for e in estimators if not ESTIMATORS[e].couples_samples and ESTIMATORS[e].target == "kl")
@@ -264,8 +259,8 @@ def _gate(args) -> int:
     name = args.kl or args.marginal
     form = "token" if args.kl else "log_weights"
     spec = EstimatorSpec(name, load_function(name), form=form)
-    kinds = ("kl", "sequence") if args.kl else "marginal"
-    default = case_names(kind=kinds) if args.kl else case_names(kind=kinds, tag="gate")
+    kinds = KL_KINDS if args.kl else "marginal"
+    default = case_names(kind=kinds, tag="gate")
     cases = list(_check_names(args.cases or default, case_names(kind=kinds), "case" if args.kl else "marginal case"))
     timeout = args.timeout or None
     try:

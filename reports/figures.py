@@ -14,8 +14,8 @@ from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from reference_models import get_case  # noqa: E402
 
-from .catalog import get_estimator  # noqa: E402
-from .study import chunk_seed, draw_log_probs  # noqa: E402
+from .catalog import ESTIMATORS, exact_moments, get_estimator  # noqa: E402
+from .stats import seeded  # noqa: E402
 
 DPI = 110
 #: Relative size below which a difference is float rounding (a constant estimate has rsd ~ 1e-16, not 0).
@@ -78,7 +78,7 @@ def per_sample_distribution(case_name: str, estimators: list[str], seed: int, pa
                             size: int = 2 ** 16) -> dict[str, float]:
     """Histogram of single-sample estimates on one case; returns each estimator's fraction below zero."""
     case = get_case(case_name)
-    log_p, log_q = draw_log_probs(case, size, chunk_seed(seed, "figure", case_name))
+    log_p, log_q = case.draw(size, seeded(seed, "figure", case_name, device=case.device))
     values = {name: get_estimator(name).fn(log_p, log_q).double().numpy() for name in estimators}
     negative = {name: float((v < 0).mean()) for name, v in values.items()}
     lo, hi = np.quantile(np.concatenate(list(values.values())), [0.002, 0.998])
@@ -165,10 +165,9 @@ def marginal_bias_vs_k(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
 def sequence_variances(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Per-sequence variance of each estimator on each sequence case (log axis), measured by the study
     (bars) with the exact variance by enumeration (black ticks) where the case has it."""
-    from reference_models.sequence_cases import get_sequence_case
-
     data = frame[frame["n"] == frame["n"].min()].copy()
-    exact = {(c, e): v.value for c in data["case"].unique() for e, v in get_sequence_case(c).variances.items()}
+    exact = {(c, e): exact_moments(ESTIMATORS[e], get_case(c))["var"].value for c in data["case"].unique()
+             for e in data["estimator"].unique() if e in ESTIMATORS and ESTIMATORS[e].enumerated}
     data["exact var"] = [exact.get(key, np.nan) for key in zip(data["case"], data["estimator"])]
     order = list(data["estimator"].unique())
     cases = list(data["case"].unique())

@@ -39,7 +39,7 @@ import torch
 from reference_models import case_names, get_case
 
 from . import stats
-from .catalog import EstimatorSpec, exact_moments, is_builtin, per_sample_estimates
+from .catalog import KL_KINDS, EstimatorSpec, exact_moments, per_sample_estimates
 from .stats import ASSUMPTION, CAUGHT, HOLDS, SKIPPED, UNVERIFIABLE, Cell, Chunk, Finding, Moments, Task
 
 __all__ = ["GateConfig", "GateResult", "run_gate", "HOLDS", "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED"]
@@ -103,7 +103,7 @@ def run_gate(specs: list[EstimatorSpec], cases: list[str] | None = None, config:
     """Gate every estimator on every case (default: all registered KL and sequence cases)."""
     if not specs:
         raise ValueError("specs must hold at least one estimator")
-    built = [get_case(c) for c in (cases or case_names(kind=("kl", "sequence")))]
+    built = [get_case(c) for c in (cases or case_names(kind=KL_KINDS))]
     jobs = [_CaseJob(case, specs, config) for case in built]
     m = sum(cell.testable for job in jobs for cell in job.cells)
     z_crit, z_power = stats.critical_z(config.alpha, m), stats.power_z(config.power)
@@ -193,11 +193,12 @@ class _CaseJob:
                 self._plan(cell)
 
     def _exact_kurtosis(self, cell: _GateCell) -> float | None:
-        """κ = μ₄/σ⁴ of a built-in's per-sample estimate where the case enumerates it, else None."""
-        if not is_builtin(cell.spec) or self.case.kind != "sequence":
+        """κ = μ₄/σ⁴ of the per-sequence estimate where the spec asks for it on a sequence case, else None."""
+        if not cell.spec.enumerated or self.case.kind != "sequence":
             return None
         exact = exact_moments(cell.spec, self.case)
-        return exact["m4"] / exact["var"] ** 2 if exact["var"] > 0 else None
+        var = exact["var"].value
+        return exact["m4"].value / var ** 2 if var > 0 else None
 
     def _plan(self, cell: _GateCell) -> None:
         """From the pilot: close the cell where the test cannot mean anything, else choose N for the power

@@ -9,10 +9,9 @@ import pandas as pd
 
 from reference_models import get_case
 from reference_models.bayesnet import parameter_table
-from reference_models.sequence_cases import get_sequence_case
 
 from . import experiments, figures, throughput
-from .catalog import ESTIMATORS, get_estimator
+from .catalog import ESTIMATORS, exact_moments, get_estimator
 from .study import COLUMNS
 
 __all__ = ["write_report"]
@@ -216,8 +215,8 @@ def _sequence_section(seq: pd.DataFrame, fig_dir: Path, first_number: int) -> st
                         fig_dir / "loss_curves.png")
     rows = []
     for name in seq["case"].unique():
-        case = get_sequence_case(name)
-        v = {k: case.variances[k].value for k in ("k1", "k3", "seq_k3", "rao_blackwell")}
+        case = get_case(name)
+        v = {k: exact_moments(ESTIMATORS[k], case)["var"].value for k in ("k1", "k3", "seq_k3", "rao_blackwell")}
         measured = seq[seq["case"] == name].set_index("estimator")["var"]
         ratio = lambda a, b, src: src[a] / src[b] if a in src and b in src and src[b] > 0 else float("nan")
         rows.append({"case": name, "KL": case.truth.value, "how": case.truth.describe(),

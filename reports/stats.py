@@ -50,7 +50,7 @@ from estimators.diagnostics import pareto_khat
 from .usercode import UserCodeFailure, call_user
 
 __all__ = ["HOLDS", "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED", "CLT_FACTOR", "Moments", "critical_z",
-           "power_z", "z_score", "required_n", "detectable", "tail_khat", "Finding", "evaluate", "require_finite", "chunk_seed",
+           "power_z", "z_score", "required_n", "detectable", "tail_khat", "Finding", "evaluate", "require_finite", "chunk_seed", "seeded",
            "Chunk", "chunk_sizes", "Task", "Job", "Executor", "LocalExecutor", "run_jobs", "positive_int"]
 
 HOLDS, CAUGHT, UNVERIFIABLE, ASSUMPTION, SKIPPED = "holds", "caught", "unverifiable", "assumption", "skipped"
@@ -200,6 +200,11 @@ def chunk_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
+def seeded(*parts, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from ``parts`` (:func:`chunk_seed`)."""
+    return torch.Generator(device=device).manual_seed(chunk_seed(*parts))
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One unit of work: ``size`` draws seeded from ``key`` (seed, case, estimator, n, or the parts a shared
@@ -214,7 +219,7 @@ class Chunk:
         return chunk_seed(*self.key, self.index)
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(self.seed)
+        return seeded(*self.key, self.index, device=device)
 
 
 def chunk_sizes(total: int, per_chunk: int) -> list[int]:

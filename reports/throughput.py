@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from estimators.vocab import token_kl
 from reference_models import get_case
 
-from .study import StudyConfig, chunk_seed, draw_log_probs, run_study
+from .stats import seeded
+from .study import StudyConfig, run_study
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -76,7 +77,8 @@ def study_throughput(replicates: int = 10 ** 4, n: int = 1000, seed: int = 0) ->
 def throughput_tables(estimators, seed: int = 0) -> dict[str, pd.DataFrame]:
     """The CPU throughput tables of the report and of ``estbench throughput``: each ``(name, fn)`` estimator on
     10⁶ float32 log-prob pairs of gauss-shift-1, a whole study, and the vocabulary KL, each against its floor."""
-    lp, lq = draw_log_probs(get_case("gauss-shift-1"), 10 ** 6, chunk_seed(seed, "throughput"))
+    case = get_case("gauss-shift-1")
+    lp, lq = case.draw(10 ** 6, seeded(seed, "throughput", device=case.device))
     return {"estimators": estimator_throughput(estimators, lp.float(), lq.float()),
             "study": study_throughput(seed=seed), "vocabulary KL": vocab_throughput(seed=seed)}
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from estimators import kl
 from estimators.vocab import token_kl
 from reference_models import get_case
-from reports.study import StudyConfig, chunk_seed, draw_log_probs, run_study
+from reports.stats import seeded
+from reports.study import StudyConfig, run_study
 from reports.throughput import logit_pair
 
 CASE = "gauss-shift-1"
@@ -29,7 +30,7 @@ def statistics():
 
 @pytest.fixture(scope="module")
 def log_probs():
-    lp, lq = draw_log_probs(get_case(CASE), 10 ** 6, chunk_seed(0, "benchmark", CASE))
+    lp, lq = get_case(CASE).draw(10 ** 6, seeded(0, "benchmark", CASE))
     return lp.float(), lq.float()
 
 

@@ -17,8 +17,7 @@ import torch
 from scipy import integrate, stats
 
 from estimators import marginal
-from reference_models.marginal_cases import (MARGINAL_CASES, get_marginal_case, marginal_case_names,
-                                             register_marginal_case)
+from reference_models import case_names, get_case
 from reports.study import MARGINAL_COLUMNS, StudyConfig, run_study
 
 LOGNORMAL = ("lognormal-0.5", "lognormal-1")
@@ -123,15 +122,15 @@ def test_jackknife_at_the_extremes():
 # --- cases -------------------------------------------------------------------------------------------------
 
 def test_cases_are_registered_reproducible_and_exact():
-    assert {"lognormal-0.5", "lognormal-1", "lognormal-2", "lognormal-3"} <= set(marginal_case_names())
-    case = get_marginal_case("lognormal-1")
+    assert {"lognormal-0.5", "lognormal-1", "lognormal-2", "lognormal-3"} <= set(case_names(kind="marginal"))
+    case = get_case("lognormal-1")
     a, b = (case.draw_log_w((2, 3), 5, torch.Generator().manual_seed(7)) for _ in range(2))
     assert a.shape == (2, 3, 5) and a.dtype == torch.float64 and torch.equal(a, b)
     assert case.log_marginal.value == -37.2 and case.log_marginal.method == "closed form"
-    with pytest.raises(ValueError, match="already registered"):
-        register_marginal_case("lognormal-1", MARGINAL_CASES["lognormal-1"])
-    with pytest.raises(ValueError, match="unknown marginal case"):
-        get_marginal_case("nope")
+    assert torch.equal(case.draw(5, torch.Generator().manual_seed(7)),  # draw: K weights, no batch shape
+                       case.draw_log_w((), 5, torch.Generator().manual_seed(7)))
+    with pytest.raises(ValueError, match="unknown case 'nope' of kind marginal"):
+        get_case("nope", kind="marginal")
     with pytest.raises(ValueError, match="K must be"):
         case.draw_log_w((2,), 0)
 
@@ -146,7 +145,7 @@ def test_lognormal_moments_by_quadrature(s):
 
     mu, mu2, mu3 = marginal.lognormal_moments(s)
     assert mu == 1.0 and mu2 == pytest.approx(moment(2), rel=1e-8) and mu3 == pytest.approx(moment(3), rel=1e-6)
-    case = get_marginal_case(f"lognormal-{s:g}").weight_moments
+    case = get_case(f"lognormal-{s:g}").weight_moments
     assert (case.mu2.value, case.mu3.value) == pytest.approx((mu2, mu3), rel=1e-14)
     e = math.expm1(s * s)
     assert marginal.lognormal_bias(s, 32, 1) == pytest.approx(-e / 64)
@@ -161,8 +160,8 @@ def test_importance_sampling_estimate_is_unbiased():
     s = 3, γ ≈ 7e5) cannot be verified this way and is skipped. α = 1e-4 over the cases tested. The
     model-based cases (costlier to draw) are tested likewise in test_marginal_models.py."""
     tested = []
-    for name in [n for n in marginal_case_names() if n.startswith("lognormal-")]:
-        case = get_marginal_case(name)
+    for name in [n for n in case_names(kind="marginal") if n.startswith("lognormal-")]:
+        case = get_case(name)
         if not case.variance_finite:
             continue
         m = case.weight_moments
@@ -228,7 +227,7 @@ def test_weight_khat_flags_heavy_weights():
     """At K = 1e4 over 5 seeds: s = 0.5 is fine (k̂ < 0.5), s = 3 untrustworthy (k̂ > 0.7); s = 2 sits in the
     slow band in between (measured 0.47–0.68), above s = 1."""
     def khats(name):
-        case = get_marginal_case(name)
+        case = get_case(name)
         return np.array([marginal.weight_khat(case.draw_log_w((), 10 ** 4, torch.Generator().manual_seed(s)))
                          for s in range(5)])
 

@@ -12,7 +12,7 @@ import torch
 from estimators.marginal import (effective_sample_size, jackknife_log_mean_exp, log_mean_exp, marginal_ratio,
                                  weight_khat)
 from reference_models.latent_cases import gaussian_power_integral
-from reference_models.marginal_cases import get_marginal_case
+from reference_models import get_case
 from torch.distributions import MultivariateNormal
 
 Z = 4.0
@@ -20,7 +20,7 @@ FINITE = ["lg-posterior-1.2", "mixture-prior", "bayesnet-prior"]
 
 
 def _draw(name, shape, K, seed):
-    case = get_marginal_case(name)
+    case = get_case(name)
     return case, case.draw_log_w(shape, K, torch.Generator().manual_seed(seed))
 
 

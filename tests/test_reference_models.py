@@ -18,6 +18,7 @@ from reference_models import (Categorical, Gaussian, GaussianMixture, Uniform, c
                               ratio_moments, top_k_logits)
 
 Z = 5.0  # two-sided |z| > 5 under a normal law: probability 5.7e-7
+KL = case_names(kind="kl")
 
 
 def _random_spd(d: int, seed: int) -> torch.Tensor:
@@ -160,13 +161,13 @@ def _mc_sample(case, seed: int):
 # Family false-alarm rate: one z-test per case for the KL (all 13 cases have a finite E_p[(log r)²])
 # plus one per case for E_p[r] (8 cases have E_p[r²] < ∞ and the support condition): 21 tests at
 # |z| > 5, Bonferroni ≈ 21 × 5.7e-7 ≈ 1.2e-5. The variances are the exact ones from the moments.
-@pytest.mark.parametrize("name", case_names())
+@pytest.mark.parametrize("name", KL)
 def test_kl_matches_monte_carlo(name):
     case = get_case(name)
     m = case.moments
     if not m.mean_log_r2.finite:
         pytest.skip("E_p[(log r)²] = ∞: a z-test of -log r means nothing")
-    log_r = _mc_sample(case, seed=1000 + case_names().index(name))
+    log_r = _mc_sample(case, seed=1000 + KL.index(name))
     assert bool(torch.isfinite(log_r).all())
     var = max(m.mean_log_r2.value - m.kl.value ** 2, 0.0)
     se = math.sqrt(var / log_r.numel())
@@ -174,20 +175,20 @@ def test_kl_matches_monte_carlo(name):
     assert abs(float((-log_r).mean()) - m.kl.value) <= Z * se + 1e-9 * max(1.0, abs(m.kl.value))
 
 
-@pytest.mark.parametrize("name", case_names())
+@pytest.mark.parametrize("name", KL)
 def test_mean_r_matches_monte_carlo(name):
     case = get_case(name)
     m = case.moments
     if not (m.mean_r2.finite and case.support_ok):
         pytest.skip("E_p[r²] = ∞ or q's support is not inside p's")
-    log_r = _mc_sample(case, seed=2000 + case_names().index(name))
+    log_r = _mc_sample(case, seed=2000 + KL.index(name))
     se = math.sqrt((m.mean_r2.value - m.mean_r.value ** 2) / log_r.numel())
     assert abs(float(torch.exp(log_r).mean()) - 1.0) <= Z * se
 
 
 def test_mc_family_size_is_as_stated():
-    kl_tests = sum(get_case(n).moments.mean_log_r2.finite for n in case_names())
-    r_tests = sum(get_case(n).moments.mean_r2.finite and get_case(n).support_ok for n in case_names())
+    kl_tests = sum(get_case(n).moments.mean_log_r2.finite for n in KL)
+    r_tests = sum(get_case(n).moments.mean_r2.finite and get_case(n).support_ok for n in KL)
     assert (kl_tests, r_tests) == (13, 8)
 
 
@@ -317,20 +318,69 @@ def test_gauss_100d_log_densities_are_very_negative():
         assert bool((model.log_prob(x) < -100).all())
 
 
-def test_case_names_unique_and_unknown_name_rejected():
-    names = case_names()
-    assert len(names) == len(set(names)) == 13
-    assert set(names) == set(rm.KL_CASES)
-    with pytest.raises(ValueError, match="unknown case 'nope'"):
+RELEASED = {
+    "kl": ["gauss-shift-0.1", "gauss-shift-1", "near-identical", "gauss-var-wide-q", "gauss-var-narrow-q",
+           "gauss-100d-fullcov", "bimodal-vs-gauss", "gauss-vs-bimodal", "uniform-support", "vocab-50k", "vocab-200k",
+           "vocab-50k-top-k", "heavy-ratio"],
+    "sequence": ["seq-bn-vs-fvsbn", "seq-bn-vs-made", "seq-nade-vs-fvsbn-digits", "seq-nade-digits-steps",
+                 "seq-hmm-vs-transformer", "seq-transformer-steps", "seq-transformer-temperature", "seq-transformer-eos",
+                 "seq-transformer-top-k"],
+    "marginal": ["lognormal-0.5", "lognormal-1", "lognormal-2", "lognormal-3", "lg-posterior-1.2", "lg-prior",
+                 "mixture-prior", "bayesnet-prior"],
+}
+
+
+def test_registry_holds_every_released_name_in_order_after_import():
+    """Released names come first, in their order (a test may register more after them)."""
+    def released(names):
+        return [n for n in names if n in sum(RELEASED.values(), [])]
+
+    assert case_names()[:30] == RELEASED["kl"] + RELEASED["sequence"] + RELEASED["marginal"]
+    for kind, names in RELEASED.items():
+        assert case_names(kind=kind)[:len(names)] == names
+    assert released(case_names(kind=("kl", "sequence"))) == RELEASED["kl"] + RELEASED["sequence"]
+    assert released(case_names(kind=("kl", "sequence"), tag="gate")) == RELEASED["kl"] + RELEASED["sequence"]
+    assert released(case_names(kind="marginal", tag="gate")) == ["lognormal-0.5", "lognormal-1"]
+    assert released(case_names(kind="marginal", tag="report")) == ["lognormal-0.5", "lognormal-1", "lg-posterior-1.2",
+                                                                   "mixture-prior", "bayesnet-prior"]
+
+
+def test_registry_rejects_unknown_names_kinds_and_duplicates():
+    with pytest.raises(ValueError, match="unknown case 'nope'; known: gauss-shift-0.1, "):
         get_case("nope")
+    with pytest.raises(ValueError, match="unknown case 'gauss-shift-1' of kind marginal; known: lognormal-0.5,"):
+        get_case("gauss-shift-1", kind="marginal")
+    with pytest.raises(ValueError, match="unknown kind 'gradient'"):
+        case_names(kind="gradient")
+    with pytest.raises(ValueError, match="already registered"):
+        rm.register_case("gauss-shift-1", lambda: None, kind="kl", description="a second meaning")
+    with pytest.raises(ValueError, match="already registered"):  # the decorator form
+        rm.register_case("gauss-shift-1", kind="kl", description="a second meaning")(lambda: None)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        rm.register_case("a-new-case", lambda: None, kind="nope", description="never registered")
+    assert "a-new-case" not in case_names()
 
 
-def test_cases_are_cached_and_named():
-    for name in case_names():
-        case = get_case(name)
-        assert case.name == name
-        assert get_case(name) is case
+@pytest.mark.parametrize("name", KL + ["lognormal-1", "mixture-prior"])
+def test_cases_follow_the_protocol_and_are_cached(name):
+    case = get_case(name)
+    assert get_case(name) is case
+    assert (case.name, case.kind) == (name, "kl" if name in KL else "marginal")
+    assert isinstance(case.description, str) and isinstance(case.tags, tuple)
+    assert isinstance(case.truth, rm.Truth) and case.event_numel >= 1
+    if case.kind == "kl":
         assert case.truth is case.moments.kl
+    sample = case.draw(8, torch.Generator(device=getattr(case, "device", "cpu")).manual_seed(0), torch.float32)
+    for t in (sample if case.kind == "kl" else (sample,)):
+        assert t.shape == (8,) and t.dtype == torch.float32
+
+
+def test_kl_draw_is_the_pair_of_log_densities_at_samples_of_p():
+    case = get_case("gauss-shift-1")
+    sample = case.draw(5, torch.Generator().manual_seed(3))
+    x = case.p.sample(5, generator=torch.Generator().manual_seed(3))
+    assert isinstance(sample, rm.PairSample)
+    assert torch.equal(sample.log_p, case.p.log_prob(x)) and torch.equal(sample.log_q, case.q.log_prob(x))
 
 
 def test_support_breaking_cases():
@@ -382,3 +432,20 @@ def test_bad_model_parameters(name):
         make()
 
 
+
+
+# --- the exact methods: dispatch on the pair's types ------------------------------------------------------
+
+def test_truth_dispatch_follows_both_mros_and_falls_back_to_quadrature():
+    class Shifted(Gaussian):  # a subclass still gets the Gaussian closed form
+        pass
+
+    assert exact_kl(Shifted(0.0, 1.0), Gaussian(1.0, 1.0)).method == "closed form"
+    mixed = exact_kl(Gaussian(0.0, 1.0), GaussianMixture([0.5, 0.5], [-1.0, 1.0], scales=[1.0, 1.0]))
+    assert mixed.method == "quadrature"  # no method for the pair: the 1-D fallback
+    with pytest.raises(ValueError, match="no exact method for the pair Categorical ‖ Uniform"):
+        exact_kl(Categorical([0.0, 1.0]), Uniform(0.0, 1.0))
+    with pytest.raises(ValueError, match="different vocabulary sizes: 2 and 3"):
+        exact_kl(Categorical([0.0, 1.0]), Categorical([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="already registered"):
+        rm.register_truth(Gaussian, Gaussian)(lambda p, q: {})

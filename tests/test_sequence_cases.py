@@ -11,20 +11,21 @@ import pytest
 import torch
 from scipy import stats
 
-from reference_models.sequence_cases import (EXACT_VARIANCE_OF, get_sequence_case, sequence_case_names,
-                                             token_log_probs)
+from reference_models import case_names, get_case
+from reference_models.sequence_cases import token_log_probs
 from reference_models.train import hmm_source, kl_source_model, load_checkpoint
-from reports.catalog import KL_FORMS, EstimatorSpec, estimator_names, get_estimator
+from reports.catalog import ESTIMATORS, KL_FORMS, EstimatorSpec, estimator_names, exact_moments, get_estimator
 from reports.gate import CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, run_gate
 from reports.planted_bugs import PLANTED, SEQUENCE_PLANTED
 from reports.study import StudyConfig, run_study
 
-CASES = sequence_case_names()
+CASES = case_names(kind="sequence")
+ENUMERATED = tuple(name for name, spec in ESTIMATORS.items() if spec.enumerated)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_truth_is_an_exact_enumeration(name):
-    case = get_sequence_case(name)
+    case = get_case(name)
     assert case.truth.method == "enumeration" and case.truth.error_bound < 1e-9
     assert 0 < case.truth.value < math.inf
     live = torch.nonzero(case.table.log_mass > -math.inf).squeeze(-1)
@@ -39,7 +40,7 @@ def test_truth_is_an_exact_enumeration(name):
 def test_transformer_truth_matches_the_chain_rule_sum_over_the_prefix_tree():
     """Two independent exact computations of KL(HMM ‖ transformer): the case's full enumeration and the
     training module's chain-rule sum over prefixes."""
-    case = get_sequence_case("seq-hmm-vs-transformer")
+    case = get_case("seq-hmm-vs-transformer")
     model = load_checkpoint("transformer-hmm")[0].double()
     assert abs(case.truth.value - kl_source_model(hmm_source(), model)) < 1e-9
 
@@ -47,15 +48,16 @@ def test_transformer_truth_matches_the_chain_rule_sum_over_the_prefix_tree():
 def test_top_k_policy_breaks_support_and_its_k1_is_its_rao_blackwellization():
     """Against its own untruncated model, a top-k policy's per-token log-ratio is −log Z_t(prefix) for both
     kept tokens, so k1 equals the Rao-Blackwellized estimate exactly; k3's support assumption fails."""
-    case = get_sequence_case("seq-transformer-top-k")
+    case = get_case("seq-transformer-top-k")
     assert not case.support_ok and "support" in case.breaks
-    assert case.variances["k1"].value == pytest.approx(case.variances["rao_blackwell"].value, rel=1e-10)
+    k1, rb = (exact_moments(ESTIMATORS[name], case)["var"].value for name in ("k1", "rao_blackwell"))
+    assert k1 == pytest.approx(rb, rel=1e-10)
 
 
 def test_draws_are_exact_samples_from_p():
     """Chi-square of the drawn states of a 16-pixel model against p(x) over the 200 likeliest states
     (the rest pooled), α = 1e-3."""
-    case = get_sequence_case("seq-nade-digits-steps")
+    case = get_case("seq-nade-digits-steps")
     t = case.table
     n = 200_000
     g = torch.Generator().manual_seed(1)
@@ -69,6 +71,18 @@ def test_draws_are_exact_samples_from_p():
     observed = torch.cat([counts[top], (n - counts[top].sum()).reshape(1)])
     expected = n * torch.cat([probs[top], (1 - probs[top].sum()).reshape(1)])
     assert stats.chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_enumeration_weights_every_sequence_and_gives_the_exact_moments():
+    """The enumeration is the table with p(x) as weights (0 where p cannot go), its weighted k1 sum is the KL,
+    and :func:`exact_moments` of k1 is that mean with its variance."""
+    case = get_case("seq-transformer-top-k")
+    sample, w = case.enumeration()
+    assert case.kind == "sequence" and w.dtype == torch.float64 and sample.log_p.shape == case.table.log_p.shape
+    assert bool((w[case.table.log_mass == -math.inf] == 0).all()) and abs(float(w.sum()) - 1) < 1e-9
+    exact = exact_moments(ESTIMATORS["k1"], case)
+    assert exact["mean"].value == pytest.approx(case.truth.value, rel=1e-12)
+    assert exact["var"].value > 0 and exact["m4"].value > 0 and exact_moments(ESTIMATORS["k1"], case) is exact
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +144,11 @@ def test_study_variances_match_the_exact_ones():
     """Per-sequence variance measured over 20,000 replicates (n = 1) against the exact enumeration. The
     sample variance of R draws has standard error √((μ₄ − σ⁴)/R) with the exact 4th central moment μ₄;
     |z| ≤ 4 per cell."""
-    config = StudyConfig(tuple(CASES), EXACT_VARIANCE_OF, ns=(1,), replicates=20_000, seed=0)
+    config = StudyConfig(tuple(CASES), ENUMERATED, ns=(1,), replicates=20_000, seed=0)
     frame = run_study(config, progress=False)
-    assert len(frame) == len(CASES) * len(EXACT_VARIANCE_OF)
+    assert len(frame) == len(CASES) * len(ENUMERATED)
     for row in frame.itertuples():
-        exact = get_sequence_case(row.case).variances
-        var, m4 = exact[row.estimator].value, exact[f"{row.estimator}:m4"].value
+        exact = exact_moments(ESTIMATORS[row.estimator], get_case(row.case))
+        var, m4 = exact["var"].value, exact["m4"].value
         se = math.sqrt(max(m4 - var ** 2, 0.0) / row.replicates)
         assert abs(row.var - var) <= 4 * se + 1e-12, (row.case, row.estimator, row.var, var, se)
