@@ -84,58 +84,56 @@ def _source_file(obj) -> bytes | None:
     return None
 
 
-def _feed_code(h, code: types.CodeType) -> None:
-    h.update(b"code\0" + code.co_code + repr(code.co_names).encode())
+def _code_digest(code: types.CodeType) -> bytes:
+    """A code object's bytecode, names and constants (nested code included), independent of its file."""
+    h = _digest()
+    h.update(f"code\0{len(code.co_code)}\0".encode() + code.co_code + repr(code.co_names).encode() + b"\0")
     for const in code.co_consts:
-        _feed_code(h, const) if isinstance(const, types.CodeType) else _feed(h, const, set())
+        h.update(_code_digest(const) if isinstance(const, types.CodeType) else _node(const, set()))
+    return h.digest()
 
 
-def _feed_identity(h, obj) -> None:
-    """What a function or class *is*: its name, its module's source file (else its source, else, for a
-    function, its code), estbench's package state for estbench's own code, the version of a builtin's
-    package."""
+def _identity(obj) -> bytes:
+    """What a function or class *is*: its kind and qualified name; its module's source file, else its
+    source; a function's code too (in case its file was edited after the import); estbench's package
+    state for estbench's own code; a builtin's package version where it has no source."""
+    h = _digest()
     module = getattr(obj, "__module__", None) or ""
     h.update(f"{type(obj).__name__}\0{module}\0{getattr(obj, '__qualname__', '')}\0".encode())
     if module.split(".")[0] in PACKAGES:
-        h.update(_package_state().encode())
+        h.update(_package_state().encode() + b"\0")
     source = _source_file(obj)
     if source is None:
         with suppress(TypeError, OSError):
-            source = inspect.getsource(obj).encode()
+            source = hashlib.blake2b(inspect.getsource(obj).encode(), digest_size=32).digest()
     if source is not None:
-        h.update(source)
+        h.update(b"source\0" + source)
     if isinstance(obj, types.FunctionType):
-        _feed_code(h, obj.__code__)  # also where the file was edited after the module was imported
+        h.update(_code_digest(obj.__code__))
     elif source is None:
-        h.update(str(getattr(sys.modules.get(module.split(".")[0]), "__version__", "")).encode())
+        h.update(f"version\0{getattr(sys.modules.get(module.split('.')[0]), '__version__', '')}".encode())
+    return h.digest()
 
 
-def _feed(h, obj, active: set) -> None:
-    """Feed ``obj`` into ``h``, tagged with its kind; ``active`` holds the ids on the path (cycles)."""
+def _node(obj, active: set) -> bytes:
+    """The digest of ``obj``: a parent feeds its children as these fixed-length digests, so no two
+    different structures feed the same bytes. ``active`` holds the ids on the path (a cycle is marked)."""
+    h = _digest()
     if isinstance(obj, (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
-        h.update(f"{type(obj).__name__}\0{obj!r}\0".encode())
-        return
-    if isinstance(obj, torch.Tensor):
+        h.update(f"{type(obj).__name__}\0{obj!r}".encode())
+    elif isinstance(obj, torch.Tensor):
         h.update(f"tensor\0{obj.dtype}\0{tuple(obj.shape)}\0".encode())
         h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy on the CPU
-        return
-    if id(obj) in active:
-        h.update(b"cycle\0")
-        return
-    active.add(id(obj))
-    try:
-        _feed_container(h, obj, active)
-    finally:
-        active.discard(id(obj))
-
-
-def _sorted_digests(items, active: set) -> list[bytes]:
-    out = []
-    for item in items:
-        sub = _digest()
-        _feed(sub, item, active)
-        out.append(sub.digest())
-    return sorted(out)
+    elif id(obj) in active:
+        h.update(b"cycle")
+    else:
+        active.add(id(obj))
+        try:
+            h.update(f"{type(obj).__module__}.{type(obj).__qualname__}\0".encode())
+            _feed_composite(h, obj, active)
+        finally:
+            active.discard(id(obj))
+    return h.digest()
 
 
 def _cell_contents(cell: types.CellType):
@@ -145,36 +143,30 @@ def _cell_contents(cell: types.CellType):
         return "<empty cell>"
 
 
-def _feed_container(h, obj, active: set) -> None:
-    h.update(f"{type(obj).__module__}.{type(obj).__qualname__}\0".encode())
+def _feed_composite(h, obj, active: set) -> None:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        _feed_identity(h, type(obj))
+        h.update(_identity(type(obj)))
         for f in dataclasses.fields(obj):
-            h.update(f"{f.name}=".encode())
-            _feed(h, getattr(obj, f.name), active)
-    elif isinstance(obj, dict):
-        for k in _sorted_digests([(k, v) for k, v in obj.items()], active):
-            h.update(k)
+            h.update(f"{f.name}\0".encode() + _node(getattr(obj, f.name), active))
     elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _feed(h, item, active)
-    elif isinstance(obj, (set, frozenset)):
-        for k in _sorted_digests(obj, active):
-            h.update(k)
+        h.update(f"{len(obj)}\0".encode() + b"".join(_node(item, active) for item in obj))
+    elif isinstance(obj, (dict, set, frozenset)):  # in any order
+        items = obj.items() if isinstance(obj, dict) else obj
+        h.update(f"{len(obj)}\0".encode() + b"".join(sorted(_node(item, active) for item in items)))
     elif isinstance(obj, functools.partial):
-        _feed(h, (obj.func, obj.args, obj.keywords), active)
+        h.update(_node((obj.func, obj.args, obj.keywords), active))
     elif isinstance(obj, types.MethodType):
-        _feed(h, (obj.__func__, obj.__self__), active)
+        h.update(_node((obj.__func__, obj.__self__), active))
     elif isinstance(obj, types.FunctionType):
-        _feed_identity(h, obj)
-        _feed(h, (obj.__defaults__, obj.__kwdefaults__, tuple(map(_cell_contents, obj.__closure__ or ()))), active)
+        h.update(_identity(obj))
+        closure = tuple(map(_cell_contents, obj.__closure__ or ()))
+        h.update(_node((obj.__defaults__, obj.__kwdefaults__, closure), active))
     elif isinstance(obj, (type, types.BuiltinFunctionType)):
-        _feed_identity(h, obj)
+        h.update(_identity(obj))
     elif isinstance(obj, types.ModuleType):
         h.update(obj.__name__.encode())
     elif hasattr(obj, "__dict__"):
-        _feed_identity(h, type(obj))
-        _feed(h, vars(obj), active)
+        h.update(_identity(type(obj)) + _node(vars(obj), active))
     else:
         raise TypeError(f"fingerprint cannot see inside a {type(obj).__qualname__}; pass what defines it")
 
@@ -191,9 +183,7 @@ def fingerprint(*parts) -> str:
     and bytes; a primitive by its type and repr (floats exactly, NaN included); dicts (in any order),
     lists, tuples and sets recursively. An object with no attributes to read raises TypeError.
     """
-    h = _digest()
-    _feed(h, parts, set())
-    return h.hexdigest()
+    return _node(parts, set()).hex()
 
 
 def _canonical(row: dict) -> str:

@@ -144,6 +144,12 @@ def test_fingerprint_sees_values_types_and_closures():
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1}) != fingerprint({"a": 2, "b": 1})
     assert fingerprint(scaled(1.0)) != fingerprint(scaled(2.0))
     assert fingerprint(float("nan")) == fingerprint(float("nan"))
+    assert fingerprint([[1], 2]) != fingerprint([[1, 2]]) != fingerprint([(1, 2)])
+    model = torch.nn.Linear(2, 2)
+    before = fingerprint(model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1
+    assert fingerprint(model) != before
     with pytest.raises(TypeError, match="cannot see inside"):
         fingerprint(threading.Lock())
 
