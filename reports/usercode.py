@@ -65,9 +65,13 @@ def _call_form(names: tuple[str, ...]) -> str:
     return f"f({', '.join(names)})"
 
 
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or _text(fn, repr)
+
+
 def _check_signature(fn, args: tuple, names: tuple[str, ...]) -> None:
     if not callable(fn):
-        raise SignatureMismatch(f"{_text(fn, repr)} is not callable")
+        raise SignatureMismatch(f"{_name(fn)} is not callable")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: the call itself tells
@@ -75,8 +79,7 @@ def _check_signature(fn, args: tuple, names: tuple[str, ...]) -> None:
     try:
         signature.bind(*args)
     except TypeError as err:
-        raise SignatureMismatch(f"{getattr(fn, '__qualname__', _text(fn, repr))}{signature} cannot be called "
-                                f"as {_call_form(names)}: {err}") from None
+        raise SignatureMismatch(f"{_name(fn)}{signature} cannot be called as {_call_form(names)}: {err}") from None
 
 
 def _run(fn, args: tuple, names: tuple[str, ...]):
@@ -85,7 +88,7 @@ def _run(fn, args: tuple, names: tuple[str, ...]):
         return fn(*args)
     except TypeError as err:
         if err.__traceback__.tb_next is None:  # raised while binding the call: no frame inside fn
-            raise SignatureMismatch(f"cannot be called as {_call_form(names)}: {_text(err)}") from err
+            raise SignatureMismatch(f"{_name(fn)} cannot be called as {_call_form(names)}: {_text(err)}") from err
         raise UserCodeFailure(_describe(err)) from err
     except BaseException as err:  # noqa: BLE001 - SystemExit and KeyboardInterrupt from user code are findings
         raise UserCodeFailure(_describe(err)) from err
@@ -105,7 +108,7 @@ def _run_with_timeout(fn, args: tuple, names: tuple[str, ...], timeout: float):
             except BaseException as err:  # noqa: BLE001 - _run raises only our two kinds; hand them over
                 box.append((False, err))
 
-    thread = threading.Thread(target=work, name=f"estbench-user-{getattr(fn, '__name__', 'fn')}", daemon=True)
+    thread = threading.Thread(target=work, name=f"estbench-user-{_name(fn)}", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
