@@ -43,6 +43,7 @@ class EstimatorSpec:
     expectation: Callable[[KLCase], float | None] = lambda case: case.moments.kl.value
     form: str = "token"  # see the module docstring
     couples_samples: bool = False  # mixes the samples of one estimate (leave-one-out λ): no per-token use
+    clamps: str | None = None  # a production variant: the estimator whose estimates it clamps
 
     def applies(self, case: KLCase) -> bool:
         """Whether the estimator can run on ``case`` at all."""
@@ -80,8 +81,9 @@ ESTIMATORS: dict[str, EstimatorSpec] = {s.name: s for s in [
     # The production variants are meant to be k3: their clamps' bias is measured against k3's expectation.
     # Their clamps bound the estimate, so their variance is finite even where E_p[r²] is not.
     EstimatorSpec("verl_low_var_kl", kl.verl_low_var_kl, "verl low_var_kl (clamped k3)",
-                  expectation=_k3_expectation),
-    EstimatorSpec("openrlhf_k3", kl.openrlhf_k3, "OpenRLHF k3 (clamped to ±10)", expectation=_k3_expectation),
+                  expectation=_k3_expectation, clamps="k3"),
+    EstimatorSpec("openrlhf_k3", kl.openrlhf_k3, "OpenRLHF k3 (clamped to ±10)", expectation=_k3_expectation,
+                  clamps="k3"),
     # Sequence-only forms.
     EstimatorSpec("seq_k3", sequence.sequence_k3, "k3 of the whole-sequence ratio R = Π r_t", uses_ratio=True,
                   expectation=_k3_family, form="sequence"),
