@@ -168,6 +168,16 @@ def _unbiased(spec: EstimatorSpec) -> bool:
     return spec.name in UNBIASED
 
 
+def _reference(spec: EstimatorSpec) -> bool:
+    """A plain unbiased estimator (k1, k3): what the others' variances are compared with."""
+    return _plain(spec) and _unbiased(spec)
+
+
+def _coupled(spec: EstimatorSpec) -> bool:
+    """A control variate fitted over the samples of one estimate (k1_cv)."""
+    return spec.couples_samples
+
+
 def _studied(data: ReportData, keep: Callable[[EstimatorSpec], bool]) -> list[str]:
     """The KL study's estimators, in its order, that ``keep`` selects."""
     return [e for e in data.kl["estimator"].unique() if keep(ESTIMATORS[e])]
@@ -220,7 +230,7 @@ def _asv_link() -> str:
 def _summary(data: ReportData, drawn: Drawn) -> str:
     frame = data.kl
     refs = {ref: frame[frame["estimator"] == ref].set_index(["case", "n"])["var"]
-            for ref in _studied(data, lambda s: _plain(s) and _unbiased(s))}
+            for ref in _studied(data, _reference)}
     refs = {ref: v[v > 0] for ref, v in refs.items()}  # a constant reference (uniform-support) has no ratio
     rows = []
     for name, g in frame.groupby("estimator", sort=False):
@@ -301,12 +311,10 @@ def _per_sample(data: ReportData, path: Path) -> dict:
         "Variance of the leave-one-out control variate k1 + λ̂(r − 1) relative to k1 and to k3 (λ = 1) at the "
         "largest n, per case. Below 1 it helps. Its variance ratios mean nothing on cases that break the "
         "support or finite-variance assumptions (listed above).",
-        needs=lambda data: bool(_studied(data, lambda s: s.couples_samples)
-                                and _studied(data, lambda s: _plain(s) and _unbiased(s))),
+        needs=lambda data: bool(_studied(data, _coupled) and _studied(data, _reference)),
         unavailable="control-variate variance reduction (needs k1_cv and k1 or k3 in the study)")
 def _cv(data: ReportData, path: Path) -> None:
-    figures.variance_ratio(data.kl, _studied(data, lambda s: s.couples_samples)[0],
-                           _studied(data, lambda s: _plain(s) and _unbiased(s)), path)
+    figures.variance_ratio(data.kl, _studied(data, _coupled)[0], _studied(data, _reference), path)
 
 
 @figure("clamp_bias", "relative bias of the clamped variants on heavy-ratio",
@@ -325,7 +333,7 @@ def _sequences(data: ReportData, drawn: Drawn) -> str:
     seq = data.sequences
     exact = [n for n, s in ESTIMATORS.items() if _unbiased(s) and s.target == "kl" and not s.couples_samples]
     rao_blackwell = [e for e in exact if ESTIMATORS[e].form == "logits"]
-    refs = [e for e in exact if _plain(ESTIMATORS[e])]
+    refs = [e for e in exact if _reference(ESTIMATORS[e])]
     short = {e: "RB" if e in rao_blackwell else e for e in exact}
     rows = []
     for name in seq["case"].unique():
