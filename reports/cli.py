@@ -18,7 +18,6 @@ from .study import any_case
 EXIT_OK, EXIT_CAUGHT, EXIT_USAGE = 0, 1, 2
 
 
-
 class UsageError(Exception):
     """Bad command-line input: reported in one line, exit status 2."""
 
