@@ -4,28 +4,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
-import subprocess
 import sys
-import time
-from datetime import datetime, timezone
+from dataclasses import replace
 from pathlib import Path
 
 from reference_models import case_names, get_case
 
 from .catalog import ESTIMATORS, KL_KINDS
+from .report import DEFAULT_NS, QUICK_MARGINAL_KS, QUICK_NS, ReportPlan, default_report, run_report
 from .stats import CAUGHT, HOLDS
-from .study import StudyConfig, run_study
 from .usercode import SignatureMismatch, abandoned
 
 EXIT_OK, EXIT_CAUGHT, EXIT_USAGE = 0, 1, 2
 DEFAULT_TIMEOUT = 60.0  # seconds per call of a gated estimator (one chunk of up to 2^21 samples)
-
-DEFAULT_NS = (10, 100, 1000)
-QUICK_NS = (10, 100)
-SEQUENCE_REPLICATES = 20  # × --replicates: the sequence study's replicates of one sequence each (n = 1)
-MARGINAL_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
-QUICK_MARGINAL_KS = (1, 4, 16, 64)
 
 
 class UsageError(Exception):
@@ -62,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="estbench-report", help="output directory (default: %(default)s)")
     report.add_argument("--cases", nargs="+", metavar="CASE",
                         help="KL and sequence cases to run (default: all); sequence cases run with n = 1 and "
-                             f"{SEQUENCE_REPLICATES}× the replicates")
+                             f"{ReportPlan.sequence_factor}× the replicates")
     report.add_argument("--marginal-cases", nargs="+", metavar="CASE",
                         help=f"marginal-likelihood cases for the bias-vs-K study (default: "
                              f"{' '.join(case_names(kind='marginal', tag='report'))})")
@@ -168,66 +159,19 @@ def _train(args) -> int:
 
 
 def _report(args) -> int:
-    from .html import write_report  # seaborn/matplotlib only load for the report
-    from .marginal_study import run_marginal_study
-
-    cases = _check_names(args.cases or case_names(kind=KL_KINDS, tag="report"), case_names(kind=KL_KINDS), "case")
-    estimators = _check_names(args.estimators or list(ESTIMATORS), list(ESTIMATORS), "estimator")
-    marginal = _check_names(args.marginal_cases or case_names(kind="marginal", tag="report"),
-                            case_names(kind="marginal"), "marginal case")
-    ns = tuple(args.n or (QUICK_NS if args.quick else DEFAULT_NS))
-    replicates = args.replicates or (100 if args.quick else 1000)
-    kl_cases = tuple(c for c in cases if c in case_names(kind="kl"))
-    seq_cases = tuple(c for c in cases if c not in kl_cases)
-    kl_est = tuple(e for e in estimators if ESTIMATORS[e].form == "token")
-    seq_est = tuple(e for e in estimators if not ESTIMATORS[e].couples_samples and ESTIMATORS[e].target == "kl")
+    plan = default_report(quick=args.quick)
     try:
-        config = StudyConfig(kl_cases, kl_est, ns, replicates, args.seed) if kl_cases else None
-        seq_config = (StudyConfig(seq_cases, seq_est, (1,), SEQUENCE_REPLICATES * replicates, args.seed)
-                      if seq_cases and seq_est else None)
+        plan = replace(plan, cases=_check_names(args.cases or plan.cases, plan.cases, "case"),
+                       estimators=_check_names(args.estimators or plan.estimators, plan.estimators, "estimator"),
+                       marginal_cases=_check_names(args.marginal_cases or plan.marginal_cases, case_names(kind="marginal"),
+                                                   "marginal case"),
+                       ns=tuple(args.n or plan.ns), replicates=args.replicates or plan.replicates, seed=args.seed,
+                       command="estbench " + " ".join(args.argv))
     except ValueError as err:
         raise UsageError(str(err)) from err
-    if config is None:
-        raise UsageError("the report needs at least one KL case (see `estbench cases`)")
-    start = time.perf_counter()
-    out = Path(args.out)
-    cells = out / "cells"
-    if args.no_resume and cells.exists():
-        for f in cells.glob("*.json"):
-            f.unlink()
-    frame = run_study(config, progress=True, cache_dir=cells)
-    seq_frame = run_study(seq_config, progress=True, cache_dir=cells) if seq_config else None
-    marginal_frame = run_marginal_study(marginal, ["log_mean_exp", "jackknife1", "jackknife2"],
-                                        QUICK_MARGINAL_KS if args.quick else MARGINAL_KS, replicates=2 * replicates,
-                                        seed=args.seed, progress=True)
-    meta = _provenance(args, config, time.perf_counter() - start)
-    if seq_config:
-        meta["sequence study"] = (f"{len(seq_config.cases)} cases × {len(seq_config.estimators)} estimators, "
-                                  f"n = 1, {seq_config.replicates} replicates")
-    meta["marginal study"] = (f"{len(marginal)} cases, K ∈ {{{', '.join(map(str, marginal_frame['K'].unique()))}}}, "
-                              f"{2 * replicates} replicates")
-    path = write_report(frame, out, meta, seed=config.seed, sequence_frame=seq_frame, marginal_frame=marginal_frame)
+    path = run_report(plan, args.out, progress=True, resume=not args.no_resume)
     print(f"report written to {path.resolve()}")
     return EXIT_OK
-
-
-def _provenance(args, config: StudyConfig, seconds: float) -> dict[str, str]:
-    import numpy, pandas, scipy, torch  # noqa: E401  (versions only)
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {
-        "command": "estbench " + " ".join(args.argv),
-        "seed": str(config.seed), "replicates": str(config.replicates), "n": ", ".join(map(str, config.ns)),
-        "study wall time": f"{seconds:.1f} s", "commit": commit,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()})",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
-                    f"pandas {pandas.__version__}, scipy {scipy.__version__}",
-    }
 
 
 def load_function(spec: str):

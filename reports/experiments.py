@@ -9,7 +9,7 @@ r"""The course notes' three experiments on KL, computed exactly where they can b
    notes' three-symbol code example, KL(p‖q) = H(p, q) − H(p).
 
 Each experiment returns plain data (numbers, arrays, pandas frames, :class:`~reference_models.Truth`);
-the ``plot_*`` functions save one PNG each, and :func:`run_all` runs everything for the HTML report.
+the ``plot_*`` functions save one PNG each, and :func:`run_all` runs every experiment for the HTML report.
 """
 from __future__ import annotations
 
@@ -247,17 +247,11 @@ def _canonical_code(lengths) -> list[str]:
 
 # --- all of it, for the report ------------------------------------------------------------------------------------
 
-def run_all(fig_dir) -> dict:
-    """Run the three experiments, write ``fig_dir/bimodal_fits.png`` and ``fig_dir/ar_hypothesis_spaces.png``.
+def run_all() -> dict:
+    """Run the three experiments for the report (drawn by :func:`plot_bimodal_fits` and
+    :func:`plot_hypothesis_spaces`).
 
-    Returns ``{"bimodal": {...fit result, "figure": Path}, "ar": {...result, "figure": Path},
-    "entropy": {"table": frame, "code_lengths": frame}}``.
+    Returns ``{"bimodal": {...fit result}, "ar": {...result}, "entropy": {"table": frame, "code_lengths": frame}}``.
     """
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    bimodal = fit_gaussian_to_bimodal()
-    bimodal["figure"] = plot_bimodal_fits(bimodal, fig_dir / "bimodal_fits.png")
-    ar = autoregressive_hypothesis_spaces()
-    ar["figure"] = plot_hypothesis_spaces(ar, fig_dir / "ar_hypothesis_spaces.png")
-    return {"bimodal": bimodal, "ar": ar,
+    return {"bimodal": fit_gaussian_to_bimodal(), "ar": autoregressive_hypothesis_spaces(),
             "entropy": {"table": entropy_table(), "code_lengths": code_length_table()}}

@@ -1,23 +1,34 @@
-"""The HTML report of a study: one self-contained page (inline CSS and JS, no network) with PNG figures
-in ``figures/`` beside it."""
+"""The HTML report: one self-contained page (inline CSS and JS, no network) with PNG figures in ``figures/``
+beside it, drawn by :func:`render` from a :class:`~reports.report.ReportData` computed beforehand.
+
+The page is its registered sections (:data:`SECTIONS`) in order, each with its registered figures
+(:data:`FIGURES`). A figure is registered with :func:`figure`, its caption beside its draw function; figures
+are numbered in the order they are drawn, and one whose data the study lacks is listed under "Not drawn".
+"""
 from __future__ import annotations
 
 import html
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from reference_models import get_case
 from reference_models.bayesnet import parameter_table
 
-from . import experiments, figures, throughput
-from .catalog import ESTIMATORS, exact_moments, get_estimator
-from .study import COLUMNS
+from . import experiments, figures
+from .catalog import ESTIMATORS, EstimatorSpec, exact_moments
+from .report import ReportData
 
-__all__ = ["write_report"]
+__all__ = ["Figure", "Section", "Drawn", "FIGURES", "SECTIONS", "figure", "section", "render"]
 
 TABLE_COLUMNS = ["case", "estimator", "n", "truth", "mean", "bias", "bias_se", "rel_bias", "rsd", "rmse",
                  "frac_negative", "nonfinite", "truth_method"]
+#: The project's asv configuration, beside the packages in a checkout (absent where estbench is installed alone).
+ASV_CONF = Path(__file__).resolve().parents[1] / "asv.conf.json"
 esc = html.escape
 
 CSS = """
@@ -59,120 +70,6 @@ INTRO = (
     "the replicates. Truths are exact (closed form, enumeration, or quadrature with an error bound)."
 )
 
-CAPTIONS = {
-    "rsd": "Relative standard deviation of one per-sample estimate, rsd = √var / |truth|, with var = n × the "
-           "variance of the replicate means. For i.i.d. estimators rsd does not depend on n, so lines are flat up "
-           "to noise, and the samples needed for a given relative error scale as rsd². When q is close to p, k1's "
-           "rsd grows like √(2 / KL) while k2's and k3's stay near √2. Where a case breaks an estimator's "
-           "finite-variance assumption (see above) its rsd is noise that grows with n, not a property.",
-    "bias": "Relative bias (mean − truth) / |truth| with a ±2 standard-error band; the dashed line is zero and the "
-            "y axis is linear within ±0.02 and logarithmic beyond. An unbiased estimator's band covers zero in "
-            "about 95% of cells. k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased "
-            "by E_p[r] − 1 where q has mass outside p's support; on infinite-variance cases the bias is noise.",
-    "dist": "Single-sample estimates on one case. k1 = −log r is negative whenever q(x) > p(x), often about half "
-            "the time when q is close to p, and only its mean is right; k3 adds r − 1, which has mean zero, and "
-            "is never negative; k2 is never negative but biased.",
-    "cv": "Variance of the leave-one-out control variate k1 + λ̂(r − 1) relative to k1 and to k3 (λ = 1) at the "
-          "largest n, per case. Below 1 it helps. Its variance ratios mean nothing on cases that break the "
-          "support or finite-variance assumptions (listed above).",
-    "clamp": "The production clamps on the heavy-ratio case, where |log r| > 20 with probability ≈ 4%: verl's "
-             "low_var_kl and OpenRLHF's k3 cap each estimate at 10, which removes a quarter of the KL; k3 itself "
-             "is unbiased there. Bars: ±2 standard errors.",
-}
-
-
-def _table(frame: pd.DataFrame, css_class: str) -> str:
-    return frame.to_html(index=False, border=0, classes=f"{css_class} sortable", na_rep="–",
-                         float_format=lambda v: f"{v:.4g}")
-
-
-def _figure(name: str, alt: str, number: int, caption: str) -> str:
-    return (f'<figure><img src="figures/{name}" alt="{esc(alt)}">'
-            f"<figcaption>Figure {number}. {esc(caption)}</figcaption></figure>")
-
-
-def _summary(frame: pd.DataFrame) -> pd.DataFrame:
-    present = set(frame["estimator"])
-    refs = {ref: frame[frame["estimator"] == ref].set_index(["case", "n"])["var"] for ref in ("k1", "k3")
-            if ref in present}
-    refs = {ref: v[v > 0] for ref, v in refs.items()}  # a constant reference (uniform-support) has no ratio
-    rows = []
-    for name, g in frame.groupby("estimator", sort=False):
-        consistent = g["bias"].abs() <= 4 * g["bias_se"] + figures.ROUNDING * g["truth"].abs()
-        abs_rel = g["rel_bias"].abs().dropna()
-        worst = g.loc[abs_rel.idxmax()] if len(abs_rel) else None
-        row = {"estimator": name, "definition": ESTIMATORS[name].label if name in ESTIMATORS else "",
-               "cells with |bias| ≤ 4·SE": f"{int(consistent.sum())} / {len(g)}",
-               "worst |rel_bias|": "–" if worst is None
-               else f"{abs(worst['rel_bias']):.4g} ({worst['case']}, n = {worst['n']})",
-               "median rsd": g["rsd"].median()}
-        for ref, ref_var in refs.items():
-            row[f"median var / var({ref})"] = (g.set_index(["case", "n"])["var"] / ref_var).dropna().median()
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _broken(frame: pd.DataFrame) -> list[str]:
-    items = []
-    flagged = frame[frame["breaks"].fillna("") != ""]
-    for (case, keys), g in flagged.groupby(["case", "breaks"], sort=False):
-        reasons = get_case(case).breaks
-        for key in keys.split("; "):
-            why = f"{key}: {reasons[key]}" if key in reasons else key
-            items.append(f"<b>{esc(case)}</b> (affects {esc(', '.join(g['estimator'].unique()))}) — {esc(why)}")
-    items += [f"skipped: {esc(s)}" for s in frame.attrs.get("skipped", [])]
-    return items
-
-
-def _truths(frame: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for name in frame["case"].unique():
-        case = get_case(name)
-        rows.append({"case": name, "p ‖ q": f"{case.p.describe()} ‖ {case.q.describe()}",
-                     "KL(p‖q)": case.truth.value, "how it was obtained": case.truth.describe(),
-                     "E_p[q/p]": case.moments.mean_r.value, "E_p[(q/p)²]": case.moments.mean_r2.value,
-                     "breaks": ", ".join(case.breaks) or "–", "description": case.description})
-    return pd.DataFrame(rows)
-
-
-def _seed_experiments(fig_dir: Path, first_number: int) -> str:
-    """The course notes' experiments: fits of a Gaussian to a bimodal mixture, autoregressive
-    hypothesis spaces, and entropy / cross-entropy / KL in bits."""
-    results = experiments.run_all(fig_dir)
-    bimodal, ar, entropy = results["bimodal"], results["ar"], results["entropy"]
-    fits = bimodal["table"]
-    ar_caption = (f"Forward autoregressive model z1 ~ N(0,1), z2 | z1 ~ N(1[z1 > 0], 0.1²): the marginal of z2 "
-                  f"is bimodal. A reverse-order model with Gaussian conditionals must model z2 first with one "
-                  f"Gaussian; its best fit N({ar['a']:.3f}, {ar['b']:.3f}²) loses {ar['loglik_gap']:.3f} nats per "
-                  f"sample (exactly {ar['gap_exact'].value:.4f}, by quadrature): the two orders have different "
-                  "hypothesis spaces.")
-    fit_caption = ("A Gaussian fitted to the bimodal mixture p by minimising the forward KL(p‖q) covers both modes "
-                   "(moment matching: μ = 0, σ² = 4.25), by minimising the reverse KL(q‖p) it picks one mode "
-                   "(KL ≈ log 2). Every KL is exact (quadrature).")
-    return f"""<section id="seeds"><h2>The course notes' experiments</h2>
-{_figure(bimodal["figure"].name, "forward and reverse KL fits of a Gaussian to a bimodal mixture", first_number,
-         fit_caption)}
-<div class="table-wrap">{_table(fits, "fits left")}</div>
-{_figure(ar["figure"].name, "forward and reverse autoregressive hypothesis spaces", first_number + 1, ar_caption)}
-<h3>Entropy, cross-entropy and KL in bits (p = (½, ¼, ¼), q = (¼, ½, ¼))</h3>
-<div class="table-wrap">{_table(entropy["table"], "entropy left")}</div>
-<div class="table-wrap">{_table(entropy["code_lengths"], "codes left")}</div></section>"""
-
-
-def _throughput(estimators: list[str], seed: int) -> str:
-    """Time per estimator on 10⁶ float32 log-prob pairs, a whole study and the vocabulary KL, each against its floor."""
-    tables = throughput.throughput_tables([(e, get_estimator(e).fn) for e in estimators], seed)
-    est, study, vocab = tables["estimators"], tables["study"], tables["vocabulary KL"]
-    return f"""<section id="throughput"><h2>Throughput on this machine</h2>
-<p>Best of three runs, timed in this process. The floor of an estimator is one exp and one log pass over as
-many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the dtype its
-ground-truth models draw in; float32 is shown for reference); the floor of the exact vocabulary KL is one read
-of both logit tensors. Ratios to the floor do not depend on the machine; asv tracks them over commits.</p>
-<div class="table-wrap">{_table(est, "speed left")}</div>
-<div class="table-wrap">{_table(study, "study left")}</div>
-<div class="table-wrap">{_table(vocab, "vocab left")}</div></section>"""
-
-
 SEQUENCE_INTRO = (
     "Pairs of trained autoregressive models (FVSBN, NADE, MADE on binarized 4×4 scikit-learn digits and on "
     "samples of a known Bayesian network; a small transformer on a hidden Markov source) and the sources "
@@ -190,168 +87,429 @@ MARGINAL_INTRO = (
     "latents). The jackknife removes the 1/K term (order 1) and the 1/K² term (order 2). Biases are measured "
     "with the control variate Â/p(x) − 1, whose mean is exactly 0, so that their standard errors are small.")
 
-CAPTIONS_MORE = {
-    "seqvar": "Variance of one per-sequence estimate on each sequence case (log axis): the study's measurement "
-              "(bars, n = 1) and the exact value by enumeration (black ticks). Where a bar falls far below its tick "
-              "the per-sequence estimate is heavy-tailed (k3 and seq_k3 on the Bayesian-network cases: a rare "
-              "sequence has a huge ratio q/p), and a few thousand replicates rarely see the tail. At the sequence "
-              "level k3 can be far noisier than k1. The Rao-Blackwellized estimator "
-              "is never negative and is below k1 on every case here (it need not be in general: the exact "
-              "difference is Σ_t E[Var(k1_t | x_<t) + 2 Cov(k1_t, KL still to come | x_<t)]). On the top-k case, "
-              "k1 and rao_blackwell coincide: both kept tokens have the same log-ratio −log Z_t(prefix).",
-    "loss": "Training loss (negative log-likelihood, nats per sequence, averaged over blocks of steps) of every "
-            "committed checkpoint's seeded recipe (`estbench train` retrains them).",
-    "marginal": "K × bias of log Â (log_mean_exp) and of the jackknifes against K, one panel per case, ±2 SE. "
-                "The delta method's first-order prediction is the flat dashed line −μ₂/2; the dotted line adds the "
-                "second-order term. The jackknifes' K × bias goes to 0.",
-}
+#: The case of the per-sample figure (k1 is negative about half the time there) and of the clamp figure.
+PER_SAMPLE_CASE = "gauss-shift-0.1"
+CLAMP_CASE = "heavy-ratio"
+#: The marginal section's subject, log Â; the other estimators of the marginal study are compared with it.
+MARGINAL_BASELINE = "log_mean_exp"
 
 
-def _sequence_section(seq: pd.DataFrame, fig_dir: Path, first_number: int) -> str:
-    from reference_models.train import checkpoint_names, load_checkpoint
+# --- the registry ----------------------------------------------------------------------------------------------
 
-    figures.sequence_variances(seq, fig_dir / "sequence_variance.png")
-    figures.loss_curves({n: load_checkpoint(n)[1] for n in checkpoint_names() if "@" not in n},
-                        fig_dir / "loss_curves.png")
+def _always(data: ReportData) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure in section ``section``: ``draw(data, path)`` saves ``figures/{name}.png`` and returns the fields
+    (a dict, or None) that its ``alt`` and ``caption`` format strings use. When not ``needs(data)`` it is not
+    drawn and ``unavailable`` says so."""
+
+    name: str
+    alt: str
+    caption: str
+    draw: Callable[[ReportData, Path], dict | None]
+    needs: Callable[[ReportData], bool] = _always
+    unavailable: str = ""
+    section: str = "figures"
+
+
+@dataclass(frozen=True)
+class Section:
+    """``<section id=id>`` around ``render(data, drawn)``; left out when not ``needs(data)``, and then
+    ``unavailable`` says so under the figures."""
+
+    id: str
+    render: Callable[[ReportData, "Drawn"], str]
+    needs: Callable[[ReportData], bool] = _always
+    unavailable: str = ""
+
+
+@dataclass
+class Drawn:
+    """The figures drawn for one page (their HTML by name, in page order) and what was not drawn, with why."""
+
+    html: dict[str, str]
+    not_drawn: list[str]
+
+
+#: The page's sections and figures, in page order; :func:`section` and :func:`figure` append to them.
+SECTIONS: list[Section] = []
+FIGURES: list[Figure] = []
+
+
+def section(id: str, needs: Callable[[ReportData], bool] = _always, unavailable: str = ""):
+    """Register the decorated ``render(data, drawn) -> HTML`` as the next section of the page."""
+    def register(render_fn):
+        SECTIONS.append(Section(id, render_fn, needs, unavailable))
+        return render_fn
+    return register
+
+
+def figure(name: str, alt: str, caption: str, needs: Callable[[ReportData], bool] = _always,
+           unavailable: str = "", section: str = "figures"):
+    """Register the decorated ``draw(data, path) -> fields`` as the next figure of ``section`` (see :class:`Figure`)."""
+    def register(draw):
+        FIGURES.append(Figure(name, alt, caption, draw, needs, unavailable, section))
+        return draw
+    return register
+
+
+# --- estimators by what the catalog says of them ------------------------------------------------------------------
+
+def _plain(spec: EstimatorSpec) -> bool:
+    """A plain per-token KL estimator (k1, k2, k3): no clamp, no coupling of samples."""
+    return spec.form == "token" and spec.target == "kl" and not spec.couples_samples and spec.clamps is None
+
+
+def _reference(spec: EstimatorSpec) -> bool:
+    """A plain unbiased estimator (k1, k3): what the others' variances are compared with."""
+    return _plain(spec) and spec.unbiased
+
+
+def _coupled(spec: EstimatorSpec) -> bool:
+    """A control variate fitted over the samples of one estimate (k1_cv)."""
+    return spec.couples_samples
+
+
+def _studied(data: ReportData, keep: Callable[[EstimatorSpec], bool]) -> list[str]:
+    """The KL study's estimators, in its order, that ``keep`` selects."""
+    return [e for e in data.kl["estimator"].unique() if keep(ESTIMATORS[e])]
+
+
+def _clamped(data: ReportData) -> list[str]:
+    """The KL study's clamped production variants, with the estimators they clamp."""
+    bases = {ESTIMATORS[e].clamps for e in _studied(data, lambda s: s.clamps is not None)}
+    return _studied(data, lambda s: s.clamps is not None or s.name in bases)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------------
+
+def _table(frame: pd.DataFrame, css_class: str) -> str:
+    table = frame.to_html(index=False, border=0, classes=f"{css_class} sortable", na_rep="–",
+                          float_format=lambda v: f"{v:.4g}")
+    return f'<div class="table-wrap">{table}</div>'
+
+
+def _figure(name: str, alt: str, number: int, caption: str) -> str:
+    return (f'<figure><img src="figures/{name}" alt="{esc(alt)}">'
+            f"<figcaption>Figure {number}. {esc(caption)}</figcaption></figure>")
+
+
+def _ratio(src, a: str, b: str) -> float:
+    return src[a] / src[b] if a in src and b in src and src[b] > 0 else math.nan
+
+
+def _exact_variance(case: str, estimator: str) -> float:
+    """The exact per-sequence variance of ``estimator`` on a sequence case (enumerated for the estimators whose
+    spec asks for it); NaN for the others."""
+    spec = ESTIMATORS.get(estimator)
+    return exact_moments(spec, get_case(case))["var"].value if spec is not None and spec.enumerated else math.nan
+
+
+def _asv_link() -> str:
+    """A link to the asv history published where :data:`ASV_CONF` puts it, or why there is none."""
+    if not ASV_CONF.is_file():
+        return ("<p>No asv history: estbench is installed without its repository (no asv.conf.json beside "
+                "the packages).</p>")
+    index = ASV_CONF.parent / json.loads(ASV_CONF.read_text()).get("html_dir", ".asv/html") / "index.html"
+    if not index.is_file():
+        return ("<p>No asv history here yet (run <code>asv run</code> and <code>asv publish</code> to make "
+                "one).</p>")
+    return f'<p><a href="{esc(index.resolve().as_uri())}">asv history of the benchmarks</a></p>'
+
+
+# --- the sections and their figures, in page order ----------------------------------------------------------------------
+
+@section("summary")
+def _summary(data: ReportData, drawn: Drawn) -> str:
+    frame = data.kl
+    refs = {ref: frame[frame["estimator"] == ref].set_index(["case", "n"])["var"]
+            for ref in _studied(data, _reference)}
+    refs = {ref: v[v > 0] for ref, v in refs.items()}  # a constant reference (uniform-support) has no ratio
+    rows = []
+    for name, g in frame.groupby("estimator", sort=False):
+        consistent = g["bias"].abs() <= 4 * g["bias_se"] + figures.ROUNDING * g["truth"].abs()
+        abs_rel = g["rel_bias"].abs().dropna()
+        worst = g.loc[abs_rel.idxmax()] if len(abs_rel) else None
+        row = {"estimator": name, "definition": ESTIMATORS[name].label,
+               "cells with |bias| ≤ 4·SE": f"{int(consistent.sum())} / {len(g)}",
+               "worst |rel_bias|": "–" if worst is None
+               else f"{abs(worst['rel_bias']):.4g} ({worst['case']}, n = {worst['n']})",
+               "median rsd": g["rsd"].median()}
+        for ref, ref_var in refs.items():
+            row[f"median var / var({ref})"] = (g.set_index(["case", "n"])["var"] / ref_var).dropna().median()
+        rows.append(row)
+    return f"""<h2>Summary per estimator</h2>
+<p>Cells consistent with the truth (|bias| ≤ 4·SE, give or take float rounding), the worst relative bias,
+the median rsd, and the median variance relative to k1's and k3's on the same (case, n). Click a header to
+sort.</p>
+{_table(pd.DataFrame(rows), "summary left")}"""
+
+
+@section("broken")
+def _broken(data: ReportData, drawn: Drawn) -> str:
+    items = []
+    flagged = data.kl[data.kl["breaks"].fillna("") != ""]
+    for (case, keys), g in flagged.groupby(["case", "breaks"], sort=False):
+        reasons = get_case(case).breaks
+        for key in keys.split("; "):
+            why = f"{key}: {reasons[key]}" if key in reasons else key
+            items.append(f"<b>{esc(case)}</b> (affects {esc(', '.join(g['estimator'].unique()))}) — {esc(why)}")
+    items += [f"skipped: {esc(s)}" for s in data.kl.attrs.get("skipped", [])]
+    listed = "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>" if items else "<p>None.</p>"
+    return f"<h2>Broken assumptions</h2>\n{listed}"
+
+
+@section("figures")
+def _figures(data: ReportData, drawn: Drawn) -> str:
+    blocks = "".join(drawn.html[f.name] for f in FIGURES if f.section == "figures" and f.name in drawn.html)
+    waiting = f'<p class="waiting">Not drawn: {esc("; ".join(drawn.not_drawn))}.</p>' if drawn.not_drawn else ""
+    return f"<h2>Figures</h2>\n{blocks}\n{waiting}"
+
+
+@figure("rsd_vs_n", "relative standard deviation vs n, one panel per case",
+        "Relative standard deviation of one per-sample estimate, rsd = √var / |truth|, with var = n × the "
+        "variance of the replicate means. For i.i.d. estimators rsd does not depend on n, so lines are flat up "
+        "to noise, and the samples needed for a given relative error scale as rsd². When q is close to p, k1's "
+        "rsd grows like √(2 / KL) while k2's and k3's stay near √2. Where a case breaks an estimator's "
+        "finite-variance assumption (see above) its rsd is noise that grows with n, not a property.{left_out}")
+def _rsd(data: ReportData, path: Path) -> dict:
+    left_out = figures.rsd_vs_n(data.kl, path, list(data.kl["estimator"].unique()))
+    return {"left_out": " Not drawn (a constant estimate, rsd = 0 up to rounding, or not finite): "
+                        + "; ".join(left_out) + "." if left_out else ""}
+
+
+@figure("rel_bias_vs_n", "relative bias vs n with a 2-SE band, one panel per case",
+        "Relative bias (mean − truth) / |truth| with a ±2 standard-error band; the dashed line is zero and the "
+        "y axis is linear within ±0.02 and logarithmic beyond. An unbiased estimator's band covers zero in "
+        "about 95% of cells. k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased "
+        "by E_p[r] − 1 where q has mass outside p's support; on infinite-variance cases the bias is noise.")
+def _bias(data: ReportData, path: Path) -> None:
+    figures.bias_vs_n(data.kl, path, list(data.kl["estimator"].unique()))
+
+
+@figure("per_sample", "histogram of single-sample estimates on {case}",
+        "Single-sample estimates on one case. k1 = −log r is negative whenever q(x) > p(x), often about half "
+        "the time when q is close to p, and only its mean is right; k3 adds r − 1, which has mean zero, and "
+        "is never negative; k2 is never negative but biased. Fraction of negative estimates here: {fractions}.",
+        needs=lambda data: bool(_studied(data, _plain)),
+        unavailable="single-sample estimates (needs k1, k2 or k3 in the study)")
+def _per_sample(data: ReportData, path: Path) -> dict:
+    cases = list(data.kl["case"].unique())
+    case = PER_SAMPLE_CASE if PER_SAMPLE_CASE in cases else cases[0]
+    negative = figures.per_sample_distribution(case, _studied(data, _plain), data.seed, path)
+    return {"case": case, "fractions": ", ".join(f"{k}: {v:.1%}" for k, v in negative.items())}
+
+
+@figure("cv_variance", "variance ratio of the control variate per case",
+        "Variance of the leave-one-out control variate k1 + λ̂(r − 1) relative to k1 and to k3 (λ = 1) at the "
+        "largest n, per case. Below 1 it helps. Its variance ratios mean nothing on cases that break the "
+        "support or finite-variance assumptions (listed above).",
+        needs=lambda data: bool(_studied(data, _coupled) and _studied(data, _reference)),
+        unavailable="control-variate variance reduction (needs k1_cv and k1 or k3 in the study)")
+def _cv(data: ReportData, path: Path) -> None:
+    figures.variance_ratio(data.kl, _studied(data, _coupled)[0], _studied(data, _reference), path)
+
+
+@figure("clamp_bias", "relative bias of the clamped variants on heavy-ratio",
+        "The production clamps on the heavy-ratio case, where |log r| > 20 with probability ≈ 4%: verl's "
+        "low_var_kl and OpenRLHF's k3 cap each estimate at 10, which removes a quarter of the KL; k3 itself "
+        "is unbiased there. Bars: ±2 standard errors.",
+        needs=lambda data: CLAMP_CASE in set(data.kl["case"]) and len(_clamped(data)) > 1,
+        unavailable="the production clamps' bias (needs the heavy-ratio case and a clamped variant)")
+def _clamp(data: ReportData, path: Path) -> None:
+    figures.clamp_bias(data.kl, CLAMP_CASE, _clamped(data), path)
+
+
+@section("sequences", needs=lambda data: data.sequences is not None and not data.sequences.empty,
+         unavailable="Rao-Blackwellized KL on the sequence cases (no sequence case in this study)")
+def _sequences(data: ReportData, drawn: Drawn) -> str:
+    seq = data.sequences
+    exact = [n for n, s in ESTIMATORS.items() if s.enumerated]
+    rao_blackwell = [e for e in exact if ESTIMATORS[e].form == "logits"]
+    refs = [e for e in exact if _reference(ESTIMATORS[e])]
+    short = {e: "RB" if e in rao_blackwell else e for e in exact}
     rows = []
     for name in seq["case"].unique():
         case = get_case(name)
-        v = {k: exact_moments(ESTIMATORS[k], case)["var"].value for k in ("k1", "k3", "seq_k3", "rao_blackwell")}
+        v = {e: _exact_variance(name, e) for e in exact}
         measured = seq[seq["case"] == name].set_index("estimator")["var"]
-        ratio = lambda a, b, src: src[a] / src[b] if a in src and b in src and src[b] > 0 else float("nan")
-        rows.append({"case": name, "KL": case.truth.value, "how": case.truth.describe(),
-                     "var k1": v["k1"], "var k3": v["k3"], "var seq_k3": v["seq_k3"], "var RB": v["rao_blackwell"],
-                     "RB/k1 exact": ratio("rao_blackwell", "k1", v), "RB/k3 exact": ratio("rao_blackwell", "k3", v),
-                     "RB/k1 measured": ratio("rao_blackwell", "k1", measured),
-                     "RB/k3 measured": ratio("rao_blackwell", "k3", measured),
-                     "breaks": ", ".join(case.breaks) or "–", "description": case.description})
-    return f"""<section id="sequences"><h2>Sequence-level KL on trained autoregressive models</h2>
+        row = {"case": name, "KL": case.truth.value, "how": case.truth.describe()}
+        row.update({f"var {short[e]}": v[e] for e in exact})
+        for kind, src in (("exact", v), ("measured", measured)):
+            row.update({f"{short[rb]}/{ref} {kind}": _ratio(src, rb, ref) for rb in rao_blackwell for ref in refs})
+        rows.append({**row, "breaks": ", ".join(case.breaks) or "–", "description": case.description})
+    return f"""<h2>Sequence-level KL on trained autoregressive models</h2>
 <p>{esc(SEQUENCE_INTRO)}</p>
-{_figure("sequence_variance.png", "per-sequence variance of k1, k3 and Rao-Blackwellized KL per case", first_number,
-         CAPTIONS_MORE["seqvar"])}
-<div class="table-wrap">{_table(pd.DataFrame(rows), "seqtruth left")}</div>
+{drawn.html["sequence_variance"]}
+{_table(pd.DataFrame(rows), "seqtruth left")}
 <h3>Sequence study</h3>
-<div class="table-wrap">{_table(seq[TABLE_COLUMNS], "study")}</div>
-{_figure("loss_curves.png", "training loss curves of the reference checkpoints", first_number + 1,
-         CAPTIONS_MORE["loss"])}</section>"""
+{_table(seq[TABLE_COLUMNS], "study")}
+{drawn.html["loss_curves"]}"""
 
 
-def _marginal_section(marginal: pd.DataFrame, fig_dir: Path, first_number: int) -> str:
-    ratios = figures.marginal_bias_vs_k(marginal, fig_dir / "marginal_bias_vs_k.png")
+@figure("sequence_variance", "per-sequence variance of k1, k3 and Rao-Blackwellized KL per case",
+        "Variance of one per-sequence estimate on each sequence case (log axis): the study's measurement "
+        "(bars, n = 1) and the exact value by enumeration (black ticks). Where a bar falls far below its tick "
+        "the per-sequence estimate is heavy-tailed (k3 and seq_k3 on the Bayesian-network cases: a rare "
+        "sequence has a huge ratio q/p), and a few thousand replicates rarely see the tail. At the sequence "
+        "level k3 can be far noisier than k1. The Rao-Blackwellized estimator "
+        "is never negative and is below k1 on every case here (it need not be in general: the exact "
+        "difference is Σ_t E[Var(k1_t | x_<t) + 2 Cov(k1_t, KL still to come | x_<t)]). On the top-k case, "
+        "k1 and rao_blackwell coincide: both kept tokens have the same log-ratio −log Z_t(prefix).",
+        section="sequences")
+def _sequence_variance(data: ReportData, path: Path) -> None:
+    seq = data.sequences
+    figures.sequence_variances(seq.assign(**{"exact var": [_exact_variance(c, e) for c, e
+                                                            in zip(seq["case"], seq["estimator"])]}), path)
+
+
+@figure("loss_curves", "training loss curves of the reference checkpoints",
+        "Training loss (negative log-likelihood, nats per sequence, averaged over blocks of steps) of every "
+        "committed checkpoint's seeded recipe (`estbench train` retrains them).", section="sequences")
+def _loss_curves(data: ReportData, path: Path) -> None:
+    from reference_models.train import checkpoint_names, load_checkpoint
+
+    figures.loss_curves({n: load_checkpoint(n)[1] for n in checkpoint_names() if "@" not in n}, path)
+
+
+@section("marginal", needs=lambda data: data.marginal is not None and not data.marginal.empty,
+         unavailable="log-of-mean bias vs K (no marginal study)")
+def _marginal(data: ReportData, drawn: Drawn) -> str:
+    marginal = data.marginal
+    lme = marginal[(marginal["estimator"] == MARGINAL_BASELINE) & marginal["theory_second"].notna()]
+    ratios = lme[["case", "K", "bias_cv", "bias_cv_se", "theory_first", "theory_second"]]
+    ratios = ratios.assign(**{"measured / theory": ratios["bias_cv"] / ratios["theory_second"]})
     wide = marginal.pivot_table(index=["case", "K"], columns="estimator", values="bias_cv").reset_index()
-    for jk in ("jackknife1", "jackknife2"):
-        if jk in wide:
-            wide[f"|bias| / |bias {jk}|"] = wide["log_mean_exp"].abs() / wide[jk].abs()
-    top = marginal[marginal["estimator"] == "log_mean_exp"]
+    for other in marginal["estimator"].unique():
+        if other != MARGINAL_BASELINE and MARGINAL_BASELINE in wide:
+            wide[f"|bias| / |bias {other}|"] = wide[MARGINAL_BASELINE].abs() / wide[other].abs()
+    top = marginal[marginal["estimator"] == MARGINAL_BASELINE]
     top = top[top["K"] == top["K"].max()][["case", "K", "khat", "ess"]]
-    return f"""<section id="marginal"><h2>Marginal likelihoods: the bias of log-of-mean</h2>
+    return f"""<h2>Marginal likelihoods: the bias of log-of-mean</h2>
 <p>{esc(MARGINAL_INTRO)}</p>
-{_figure("marginal_bias_vs_k.png", "K times the bias of log-of-mean and the jackknifes vs K with theory",
-         first_number, CAPTIONS_MORE["marginal"])}
+{drawn.html["marginal_bias_vs_k"]}
 <h3>Measured bias of log Â over the second-order prediction</h3>
-<div class="table-wrap">{_table(ratios, "ratios left")}</div>
+{_table(ratios, "ratios left")}
 <h3>Bias (control-variate estimate) of each estimator, and the jackknife's reduction</h3>
-<div class="table-wrap">{_table(wide, "jack left")}</div>
+{_table(wide, "jack left")}
 <h3>Weight diagnostics at the largest K (one estimate)</h3>
 <p>Pareto k̂ of the weights' tail (PSIS): below 0.5 the estimate is reliable, 0.5–0.7 slow to converge, above
 0.7 not to be trusted; ESS is Kish's effective sample size (Σw)²/Σw².</p>
-<div class="table-wrap">{_table(top, "diag left")}</div>
+{_table(top, "diag left")}
 <h3>Free parameters of discrete models (the course notes' examples)</h3>
-<div class="table-wrap">{_table(parameter_table(), "params left")}</div></section>"""
+{_table(parameter_table(), "params left")}"""
 
 
-def write_report(frame: pd.DataFrame, out_dir: str | Path, meta: dict[str, str], seed: int = 0,
-                 sequence_frame: pd.DataFrame | None = None, marginal_frame: pd.DataFrame | None = None) -> Path:
-    """Write ``out_dir/index.html`` and its figures ``out_dir/figures/*.png`` for a study frame of
-    :func:`reports.study.run_study` on KL cases, with the sections of a sequence-case study frame and a
-    marginal study frame (:func:`reports.marginal_study.run_marginal_study`) when given; ``meta`` (name ->
-    text) is printed as provenance, ``seed`` seeds the per-sample figure. Returns the page's path."""
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing or frame.empty:
-        raise ValueError(f"frame must be a non-empty study frame; missing columns: {missing}")
+@figure("marginal_bias_vs_k", "K times the bias of log-of-mean and the jackknifes vs K with theory",
+        "K × bias of log Â (log_mean_exp) and of the jackknifes against K, one panel per case, ±2 SE. "
+        "The delta method's first-order prediction is the flat dashed line −μ₂/2; the dotted line adds the "
+        "second-order term. The jackknifes' K × bias goes to 0.", section="marginal")
+def _marginal_bias(data: ReportData, path: Path) -> None:
+    figures.marginal_bias_vs_k(data.marginal, path)
+
+
+@section("seeds", needs=lambda data: data.experiments is not None,
+         unavailable="the course notes' experiments (not run)")
+def _seeds(data: ReportData, drawn: Drawn) -> str:
+    return f"""<h2>The course notes' experiments</h2>
+{drawn.html["bimodal_fits"]}
+{_table(data.experiments["bimodal"]["table"], "fits left")}
+{drawn.html["ar_hypothesis_spaces"]}
+<h3>Entropy, cross-entropy and KL in bits (p = (½, ¼, ¼), q = (¼, ½, ¼))</h3>
+{_table(data.experiments["entropy"]["table"], "entropy left")}
+{_table(data.experiments["entropy"]["code_lengths"], "codes left")}"""
+
+
+@figure("bimodal_fits", "forward and reverse KL fits of a Gaussian to a bimodal mixture",
+        "A Gaussian fitted to the bimodal mixture p by minimising the forward KL(p‖q) covers both modes "
+        "(moment matching: μ = 0, σ² = 4.25), by minimising the reverse KL(q‖p) it picks one mode "
+        "(KL ≈ log 2). Every KL is exact (quadrature).", section="seeds")
+def _bimodal(data: ReportData, path: Path) -> None:
+    experiments.plot_bimodal_fits(data.experiments["bimodal"], path)
+
+
+@figure("ar_hypothesis_spaces", "forward and reverse autoregressive hypothesis spaces",
+        "Forward autoregressive model z1 ~ N(0,1), z2 | z1 ~ N(1[z1 > 0], 0.1²): the marginal of z2 is bimodal. "
+        "A reverse-order model with Gaussian conditionals must model z2 first with one Gaussian; its best fit "
+        "N({a:.3f}, {b:.3f}²) loses {loglik_gap:.3f} nats per sample (exactly {gap_exact.value:.4f}, by "
+        "quadrature): the two orders have different hypothesis spaces.", section="seeds")
+def _hypothesis_spaces(data: ReportData, path: Path) -> dict:
+    experiments.plot_hypothesis_spaces(data.experiments["ar"], path)
+    return data.experiments["ar"]
+
+
+@section("throughput", needs=lambda data: data.throughput is not None, unavailable="throughput (not timed)")
+def _throughput(data: ReportData, drawn: Drawn) -> str:
+    """Time per estimator on 10⁶ float32 log-prob pairs, a whole study and the vocabulary KL, each against its floor."""
+    tables = data.throughput
+    return f"""<h2>Throughput on this machine</h2>
+<p>Best of three runs, timed in this process. The floor of an estimator is one exp and one log pass over as
+many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the dtype its
+ground-truth models draw in; float32 is shown for reference); the floor of the exact vocabulary KL is one read
+of both logit tensors. Ratios to the floor do not depend on the machine; asv tracks them over commits.</p>
+{_table(tables["estimators"], "speed left")}
+{_table(tables["study"], "study left")}
+{_table(tables["vocabulary KL"], "vocab left")}"""
+
+
+@section("study")
+def _study(data: ReportData, drawn: Drawn) -> str:
+    return f"<h2>Study table</h2>\n{_table(data.kl[TABLE_COLUMNS], 'study')}"
+
+
+@section("truths")
+def _truths(data: ReportData, drawn: Drawn) -> str:
+    rows = []
+    for name in data.kl["case"].unique():
+        case = get_case(name)
+        rows.append({"case": name, "p ‖ q": f"{case.p.describe()} ‖ {case.q.describe()}",
+                     "KL(p‖q)": case.truth.value, "how it was obtained": case.truth.describe(),
+                     "E_p[q/p]": case.moments.mean_r.value, "E_p[(q/p)²]": case.moments.mean_r2.value,
+                     "breaks": ", ".join(case.breaks) or "–", "description": case.description})
+    return f"<h2>Cases and how each truth was obtained</h2>\n{_table(pd.DataFrame(rows), 'truths left')}"
+
+
+@section("provenance")
+def _provenance(data: ReportData, drawn: Drawn) -> str:
+    rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in data.provenance.items())
+    return f'<h2>Provenance</h2><table class="provenance">{rows}</table>\n{_asv_link()}'
+
+
+# --- the page -------------------------------------------------------------------------------------------------------------
+
+def render(data: ReportData, out_dir: str | Path) -> Path:
+    """Draw the figures of ``data`` into ``out_dir/figures/*.png`` and write the page ``out_dir/index.html``;
+    returns its path."""
     out = Path(out_dir)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    order = list(frame["estimator"].unique())
-    cases = list(frame["case"].unique())
-
-    not_drawn = figures.rsd_vs_n(frame, fig_dir / "rsd_vs_n.png", order)
-    figures.bias_vs_n(frame, fig_dir / "rel_bias_vs_n.png", order)
-    blocks = [_figure("rsd_vs_n.png", "relative standard deviation vs n, one panel per case", 1,
-                      CAPTIONS["rsd"] + (" Not drawn (a constant estimate, rsd = 0 up to rounding, or not "
-                                         "finite): " + "; ".join(not_drawn) + "." if not_drawn else "")),
-              _figure("rel_bias_vs_n.png", "relative bias vs n with a 2-SE band, one panel per case", 2,
-                      CAPTIONS["bias"])]
-    waiting = []
-    shown = [e for e in ("k1", "k2", "k3") if e in order]
-    if shown:
-        case = "gauss-shift-0.1" if "gauss-shift-0.1" in cases else cases[0]
-        negative = figures.per_sample_distribution(case, shown, seed, fig_dir / "per_sample.png")
-        fractions = ", ".join(f"{k}: {v:.1%}" for k, v in negative.items())
-        blocks.append(_figure("per_sample.png", f"histogram of single-sample estimates on {case}", len(blocks) + 1,
-                              f"{CAPTIONS['dist']} Fraction of negative estimates here: {fractions}."))
-    if "k1_cv" in order and {"k1", "k3"} & set(order):
-        figures.variance_ratio(frame, "k1_cv", [e for e in ("k1", "k3") if e in order],
-                               fig_dir / "cv_variance.png")
-        blocks.append(_figure("cv_variance.png", "variance ratio of the control variate per case",
-                              len(blocks) + 1, CAPTIONS["cv"]))
-    else:
-        waiting.append("control-variate variance reduction (needs k1_cv and k1 or k3 in the study)")
-    clamped = [e for e in ("k3", "verl_low_var_kl", "openrlhf_k3") if e in order]
-    if "heavy-ratio" in cases and len(clamped) > 1:
-        figures.clamp_bias(frame, "heavy-ratio", clamped, fig_dir / "clamp_bias.png")
-        blocks.append(_figure("clamp_bias.png", "relative bias of the clamped variants on heavy-ratio",
-                              len(blocks) + 1, CAPTIONS["clamp"]))
-    else:
-        waiting.append("the production clamps' bias (needs the heavy-ratio case and a clamped variant)")
-    number = len(blocks) + 1
-    sequences = ""
-    if sequence_frame is not None and not sequence_frame.empty:
-        sequences, number = _sequence_section(sequence_frame, fig_dir, number), number + 2
-    else:
-        waiting.append("Rao-Blackwellized KL on the sequence cases (no sequence case in this study)")
-    marginal = ""
-    if marginal_frame is not None and not marginal_frame.empty:
-        marginal, number = _marginal_section(marginal_frame, fig_dir, number), number + 1
-    else:
-        waiting.append("log-of-mean bias vs K (no marginal study)")
-
-    seeds = _seed_experiments(fig_dir, first_number=number)
-    speed = _throughput(order, seed)
-    replicates = ", ".join(map(str, sorted(frame["replicates"].unique())))
-    scope = (f"{len(cases)} cases × {len(order)} estimators × n ∈ "
-             f"{{{', '.join(map(str, sorted(frame['n'].unique())))}}}, {replicates} replicates per cell.")
-    broken = _broken(frame)
-    provenance = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in meta.items())
-    asv = Path(".asv/html/index.html")
-    asv_link = (f'<p><a href="{esc(asv.resolve().as_uri())}">asv history of the benchmarks</a></p>'
-                if asv.exists() else "<p>No asv history here yet (run <code>asv run</code> and "
-                                     "<code>asv publish</code> to make one).</p>")
+    drawn, shown = Drawn({}, []), []
+    for sec in SECTIONS:
+        if not sec.needs(data):
+            drawn.not_drawn.append(sec.unavailable)
+            continue
+        shown.append(sec)
+        for fig in (f for f in FIGURES if f.section == sec.id):
+            if not fig.needs(data):
+                drawn.not_drawn.append(fig.unavailable)
+                continue
+            fields = fig.draw(data, fig_dir / f"{fig.name}.png") or {}
+            drawn.html[fig.name] = _figure(f"{fig.name}.png", fig.alt.format(**fields), len(drawn.html) + 1,
+                                           fig.caption.format(**fields))
+    frame = data.kl
+    scope = (f"{frame['case'].nunique()} cases × {frame['estimator'].nunique()} estimators × n ∈ "
+             f"{{{', '.join(map(str, sorted(frame['n'].unique())))}}}, "
+             f"{', '.join(map(str, sorted(frame['replicates'].unique())))} replicates per cell.")
+    body = "\n".join(f'<section id="{sec.id}">{sec.render(data, drawn)}</section>' for sec in shown)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>estbench: KL and marginal-likelihood estimator study</title>
 <style>{CSS}</style></head><body>
 <h1>estbench: KL and marginal-likelihood estimator study</h1>
 <p>{esc(INTRO)} {esc(scope)}</p>
-<section id="summary"><h2>Summary per estimator</h2>
-<p>Cells consistent with the truth (|bias| ≤ 4·SE, give or take float rounding), the worst relative bias,
-the median rsd, and the median variance relative to k1's and k3's on the same (case, n). Click a header to
-sort.</p>
-<div class="table-wrap">{_table(_summary(frame), "summary left")}</div></section>
-<section id="broken"><h2>Broken assumptions</h2>
-{"<ul>" + "".join(f"<li>{item}</li>" for item in broken) + "</ul>" if broken else "<p>None.</p>"}</section>
-<section id="figures"><h2>Figures</h2>
-{"".join(blocks)}
-{f'<p class="waiting">Not drawn: {esc("; ".join(waiting))}.</p>' if waiting else ""}</section>
-{sequences}
-{marginal}
-{seeds}
-{speed}
-<section id="study"><h2>Study table</h2>
-<div class="table-wrap">{_table(frame[TABLE_COLUMNS], "study")}</div></section>
-<section id="truths"><h2>Cases and how each truth was obtained</h2>
-<div class="table-wrap">{_table(_truths(frame), "truths left")}</div></section>
-<section id="provenance"><h2>Provenance</h2><table class="provenance">{provenance}</table>
-{asv_link}</section>
+{body}
 <script>{SORT_JS}</script>
 </body></html>
 """

@@ -9,12 +9,12 @@ import pytest
 
 from reference_models import Gaussian, exact_kl
 from reports.experiments import (autoregressive_hypothesis_spaces, code_length_table, entropy_table,
-                                 fit_gaussian_to_bimodal, run_all)
+                                 fit_gaussian_to_bimodal, plot_bimodal_fits, plot_hypothesis_spaces, run_all)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_all(tmp_path_factory.mktemp("experiment_figures"))
+def results():
+    return run_all()
 
 
 # --- 1. forward vs reverse KL --------------------------------------------------------------------------------
@@ -106,8 +106,9 @@ def test_code_lengths(results):
 
 # --- figures --------------------------------------------------------------------------------------------------------
 
-def test_run_all_writes_both_figures(results):
-    for key, name in (("bimodal", "bimodal_fits.png"), ("ar", "ar_hypothesis_spaces.png")):
-        path = results[key]["figure"]
+def test_both_figures_are_pngs(results, tmp_path):
+    for plot, key, name in ((plot_bimodal_fits, "bimodal", "bimodal_fits.png"),
+                            (plot_hypothesis_spaces, "ar", "ar_hypothesis_spaces.png")):
+        path = plot(results[key], tmp_path / name)
         assert path.name == name and path.is_file() and path.stat().st_size > 0
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
