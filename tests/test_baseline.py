@@ -1,9 +1,10 @@
 """Restructuring keeps the numbers: fixed small studies and gate runs over every case give the frames that
 the code before the statistical core gave (tests/fixtures/baseline, made at e4db84d; its README lists the
-calls). Verdicts, counts and texts must be equal; floats equal within 1e-9 relative (+1e-12 absolute):
-moments are now merged pairwise in float64 instead of summed as raw powers, and a token-form estimate is
-summed over a sequence in float64 instead of its input dtype, which moves the last digits of a mean
-or a z, and nothing more."""
+calls). Verdicts, counts and texts must be equal. Floats: the studies, which run in float64, within 1e-9
+relative (+1e-12 absolute); the gates within 1e-6 relative (+1e-5 absolute): their moments are now merged
+pairwise in float64 instead of summed as raw powers, and a token-form estimate is summed over a sequence in
+float64 instead of the gate's float32, which moves a sequence case's mean by up to 3e-8 (6e-8 relative)
+and its z by up to 5e-6, and nothing more."""
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from reports.marginal_gate import MarginalGateConfig, run_marginal_gate
 from reports.study import StudyConfig, run_study
 
 BASELINE = Path(__file__).parent / "fixtures" / "baseline"
-RTOL, ATOL = 1e-9, 1e-12
+STUDY_TOL, GATE_TOL = (1e-9, 1e-12), (1e-6, 1e-5)  # (relative, absolute)
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _compare(new: pd.DataFrame, name: str, text_columns=()):
+def _compare(new: pd.DataFrame, name: str, text_columns=(), tol=STUDY_TOL):
     old = pd.read_csv(BASELINE / name, keep_default_na=False, na_values=[""])
     new = new.reset_index(drop=True)
     assert list(new.columns[: len(old.columns)]) == list(old.columns) or set(old.columns) <= set(new.columns)
@@ -45,7 +46,7 @@ def _compare(new: pd.DataFrame, name: str, text_columns=()):
             continue
         x, y = a.to_numpy(float), b.to_numpy(float)
         assert np.array_equal(np.isnan(x), np.isnan(y)), col
-        close = np.isclose(x, y, rtol=RTOL, atol=ATOL, equal_nan=True)
+        close = np.isclose(x, y, rtol=tol[0], atol=tol[1], equal_nan=True)
         assert close.all(), (col, new[~close][["estimator", "case"]].to_string(), x[~close], y[~close])
         finite = np.isfinite(x) & np.isfinite(y) & (y != 0)
         worst = max(worst, float(np.max(np.abs(x[finite] / y[finite] - 1), initial=0.0)))
@@ -68,9 +69,9 @@ def test_gates_match_the_baseline():
     specs = [get_estimator(n) for n in estimator_names(*KL_FORMS)]
     specs.append(EstimatorSpec("k3_small_multiplicative_bias", planted_bugs.k3_small_multiplicative_bias))
     gate = run_gate(specs, None, GateConfig(seed=0, chunk=2 ** 12, max_budget=2 ** 14))
-    _compare(gate.frame, "gate.csv", ("estimator", "case", "verdict", "reason"))
+    _compare(gate.frame, "gate.csv", ("estimator", "case", "verdict", "reason"), GATE_TOL)
     specs = [get_estimator(n) for n in estimator_names("log_weights")]
     specs.append(EstimatorSpec("naive", marginal_bugs.naive_log_mean_exp, form="log_weights"))
     config = MarginalGateConfig(seed=0, Ks=(4, 16), chunk=100, max_replicates=400, range_k=1000)
     _compare(run_marginal_gate(specs, None, config).frame, "marginal_gate.csv",
-             ("estimator", "check", "case", "verdict", "reason"))
+             ("estimator", "check", "case", "verdict", "reason"), GATE_TOL)
