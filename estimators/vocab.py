@@ -25,9 +25,10 @@ so that :math:`\mathrm{lse}(a) = r_a + \log s_a`, :math:`\mathrm{lse}(b) = r_b +
 
 The references cancel: keeping the shifted differences :math:`(a_v - r_a) - (b_v - r_b)` inside :math:`t` avoids
 the cancellation of the large terms :math:`\mathbb{E}_p[a - b]` and :math:`\mathrm{lse}(a) - \mathrm{lse}(b)` when the
-KL is small or the logits are large. Tiles are computed in the accumulation dtype (float32, or float64 for
-float64 inputs) and in base 2 (``exp2`` is ~2.5x faster than ``exp`` on CPU: :math:`e^x = 2^{x \log_2 e}`); the
-per-row sums are kept in float64.
+KL is small or the logits are large. Each logit is shifted by its reference before anything else (so logits of
+5e9 or 1e30, and ``finfo.min`` masks, stay exact and finite); tiles are computed in the accumulation dtype
+(float32, or float64 for float64 inputs), exponentials in base 2 (``exp2`` is ~2.5x faster than ``exp`` on CPU:
+:math:`e^x = 2^{x \log_2 e}`); the per-row sums are kept in float64.
 
 * Fast path: :math:`r_a, r_b` are the maxima of the first chunk and never change, and nothing is masked or tested
   per tile. A later logit far above its reference overflows (by ~88 in float32, ~709 in float64), a ``-inf`` logit
@@ -35,9 +36,10 @@ per-row sums are kept in float64.
 * the careful path: :math:`r_a, r_b` are the running maxima :math:`m_a, m_b`. When a tile raises them to
   :math:`m_a', m_b'`, the sums are rescaled, :math:`s_a \leftarrow e^{m_a - m_a'} s_a`,
   :math:`s_b \leftarrow e^{m_b - m_b'} s_b` and
-  :math:`t \leftarrow e^{m_a - m_a'}\,\big(t + s_a\,[(m_a - m_b) - (m_a' - m_b')]\big)`; a term with
-  :math:`a_v = -\infty` (:math:`p_v = 0`) is 0, and a token with :math:`b_v = -\infty < a_v`
-  (:math:`q_v = 0 < p_v`) makes the row ``+inf``, even where :math:`e^{a_v - m_a}` underflows to 0.
+  :math:`t \leftarrow e^{m_a - m_a'}\,\big(t + s_a\,[(m_a - m_b) - (m_a' - m_b')]\big)`; a term whose
+  :math:`e^{a_v - m_a}` is 0 (:math:`a_v = -\infty`, a ``finfo.min`` mask, or below the accumulation dtype's
+  range) is 0, and a token with :math:`b_v = -\infty < a_v` (:math:`q_v = 0 < p_v`) makes the row ``+inf``, even
+  where :math:`e^{a_v - m_a}` underflows to 0.
 
 On a CUDA device with Triton installed, the forward pass runs as one fused kernel instead
 (:mod:`estimators.vocab_triton`: the same online softmax, one program per row, float32 state); ``backend`` chooses.
@@ -169,12 +171,14 @@ def _forward(logits_p: Tensor, logits_q: Tensor, chunk: int) -> tuple[Tensor, Te
     acc = torch.float64 if logits_p.dtype == torch.float64 else torch.float32
     a, b = _rows(logits_p), _rows(logits_q)               # views, never copies: [rows, V] or [rows, ..., V]
     block = max(1, _TILE // (chunk * math.prod(a.shape[1:-1])))
-    parts = []
-    for i in range(0, a.shape[0], block):
+    kl, lse_a, lse_b = (torch.empty(a.shape[:-1], dtype=torch.float64, device=a.device) for _ in range(3))
+    for i in range(0, a.shape[0], block):                  # no rows: empty results
         ab, bb = a[i:i + block], b[i:i + block]
-        parts.append(_fast(ab, bb, chunk, acc) or _careful(ab, bb, chunk, acc, logits_p, logits_q))
-    kl, lse_a, lse_b = (torch.cat(part).reshape(logits_p.shape[:-1]) for part in zip(*parts))
-    return kl.clamp_min_(0.0).to(acc), lse_a, lse_b
+        for out, part in zip((kl, lse_a, lse_b), _fast(ab, bb, chunk, acc) or _careful(ab, bb, chunk, acc,
+                                                                                          logits_p, logits_q)):
+            out[i:i + block] = part
+    shape = logits_p.shape[:-1]
+    return kl.reshape(shape).clamp_min_(0.0).to(acc), lse_a.reshape(shape), lse_b.reshape(shape)
 
 
 def _rows(logits: Tensor) -> Tensor:
@@ -196,25 +200,26 @@ def _tiles(a: Tensor, b: Tensor, chunk: int, acc: torch.dtype):
 
 
 def _tile_sums(at: Tensor, bt: Tensor, ra: Tensor, rb: Tensor, x: Tensor, y: Tensor, d: Tensor):
-    r"""With ``x = (a - r_a) log2(e)`` and ``y = (b - r_b) log2(e)``: the row sums of ``2^x`` and ``2^y``, and the
-    products ``2^x (x - y)``, which the caller sums (after masking); all in the buffers ``x, y, d``.
+    r"""With ``x = a - r_a`` and ``y = b - r_b``: the row sums of ``e^x`` and ``e^y``, and the products
+    ``e^x (x - y)``, which the caller sums (after masking); all in the buffers ``x, y, d`` (``x`` then holds ``e^x``).
 
-    ``x`` is one (fused) multiply-add, ``a log2(e) + (-r_a log2(e))``. Its rounding moves each logit by at most about
-    an ulp of the logit, which changes the KL by
-    :math:`\sum_v p_v(\log(p_v/q_v) - KL)\,\delta a_v + (q_v - p_v)\,\delta b_v`, small where p and q are close
-    (measured: errors ~1e-7 with float32 logits ~2000 and a KL ~1e-3)."""
+    The logits are shifted before anything else: ``a - r_a`` is exact where ``a`` is close to ``r_a`` (Sterbenz)
+    whatever the size of the logits (5e9, 1e30), and a ``finfo.min`` logit stays finite, so that ``x - y`` is finite
+    where both are masked and ``e^x`` (``2^{x log2 e}``, which may overflow to ``2^{-inf}`` = 0) is exactly 0. (The
+    one multiply-add ``a log2(e) - r_a log2(e)`` rounded each logit by an ulp of the logit: a NaN at 5e9.)"""
     for src, ref, out in ((at, ra, x), (bt, rb, y)):
         if src.dtype != out.dtype:
-            src = out.copy_(src)                          # convert in place: no hidden temporary in add
-        torch.add(ref * -_LOG2E, src, alpha=_LOG2E, out=out)
+            src = out.copy_(src)                          # convert in place (faster than a mixed-dtype sub)
+        torch.sub(src, ref, out=out)
     torch.sub(x, y, out=d)
-    return x.exp2_().sum(-1), y.exp2_().sum(-1), d.mul_(x)
+    ex = x.mul_(_LOG2E).exp2_()
+    return ex.sum(-1), y.mul_(_LOG2E).exp2_().sum(-1), d.mul_(ex)
 
 
 def _result(sa: Tensor, sb: Tensor, t: Tensor, ra: Tensor, rb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(KL, lse_a, lse_b)`` from the sums (``t`` in base-2 units) and the references."""
+    """``(KL, lse_a, lse_b)`` from the sums and the references."""
     log_sa, log_sb = sa.log(), sb.log()
-    return t / (sa * _LOG2E) - log_sa + log_sb, ra + log_sa, rb + log_sb
+    return t / sa - log_sa + log_sb, ra + log_sa, rb + log_sb
 
 
 def _fast(a: Tensor, b: Tensor, chunk: int, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -250,12 +255,12 @@ def _careful(a: Tensor, b: Tensor, chunk: int, acc: torch.dtype,
         mb2 = torch.maximum(mb, bt.amax(-1).double())
         ra2, rb2 = ma2.nan_to_num(neginf=0.0), mb2.nan_to_num(neginf=0.0)   # reference 0 while all -inf
         alpha_a, alpha_b = (ma - ra2).exp(), (mb - rb2).exp()               # 0 while all -inf
-        t = alpha_a * (t + sa * _LOG2E * ((ra - rb) - (ra2 - rb2)))
+        t = alpha_a * (t + sa * ((ra - rb) - (ra2 - rb2)))
         sa, sb, ma, mb, ra, rb = alpha_a * sa, alpha_b * sb, ma2, mb2, ra2, rb2
         sa_c, sb_c, terms = _tile_sums(at, bt, ra.to(acc).unsqueeze(-1), rb.to(acc).unsqueeze(-1), x, y, d)
         sa += sa_c
         sb += sb_c
-        t += torch.where(at == -inf, 0.0, terms).sum(-1)                    # p_v = 0: the term is 0, not NaN
+        t += torch.where(x == 0, 0.0, terms).sum(-1)                        # e^x = 0 (p_v = 0): the term is 0
         mismatch |= ((bt == -inf) & (at != -inf)).any(-1)                    # q_v = 0 < p_v: +inf
     if not bool(torch.isfinite(ma).all() & torch.isfinite(mb).all()):
         _check(logits_p, "logits_p", chunk)

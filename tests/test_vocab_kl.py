@@ -306,3 +306,42 @@ def test_gradient_matches_autograd_of_the_reference(dtype):
         assert torch.autograd.gradcheck(lambda x, y: token_kl(x, y, chunk_size=7),
                                         (logits_p[1:, :, :20].clone().requires_grad_(),
                                          logits_q[1:, :, :20].clone().requires_grad_()))
+
+
+# --- issue 13: finfo.min masks, huge logits and zero rows (each NaN or a crash before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["both", "p", "first-chunk"])
+def test_finfo_min_masks_give_the_kl_of_the_unmasked_tokens(dtype, where):
+    """Hugging Face masks logits with finfo(dtype).min: a token of probability e^-3.4e38 = 0, as with -inf."""
+    g = torch.Generator().manual_seed(31)
+    a = 2 * torch.randn(3, 1000, generator=g)
+    b = a + 0.5 * torch.randn(3, 1000, generator=g)
+    masked = slice(0, 300) if where == "first-chunk" else slice(400, 700)
+    a, b = a.to(dtype), b.to(dtype)
+    a[:, masked] = torch.finfo(dtype).min
+    if where != "p":
+        b[:, masked] = torch.finfo(dtype).min
+    expected = masked_reference_kl(a, b)
+    assert torch.isfinite(expected).all() and (expected > 0.01).all()
+    got = token_kl(a, b, chunk_size=256)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [5e9, 1e10, 1e30])
+def test_huge_logits_are_shifted_before_they_are_scaled(offset):
+    """At 5e9 and beyond every float32 logit of a row rounds to a few values: the KL of those values, not NaN."""
+    g = torch.Generator().manual_seed(32)
+    a = offset + offset * 1e-6 * torch.randn(2, 700, generator=g)
+    b = a + offset * 1e-7 * torch.randn(2, 700, generator=g)
+    a, b = a.float(), b.float()
+    got = token_kl(a, b, chunk_size=256)
+    torch.testing.assert_close(got.double(), reference_kl(a, b), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(token_kl(a + offset, b + offset), torch.zeros(2))   # one value per row: KL 0
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5)])
+def test_zero_rows_give_an_empty_result(shape):
+    got = token_kl(torch.zeros(shape), torch.zeros(shape))
+    assert got.shape == shape[:-1] and got.dtype == torch.float32
