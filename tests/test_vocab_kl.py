@@ -345,3 +345,81 @@ def test_huge_logits_are_shifted_before_they_are_scaled(offset):
 def test_zero_rows_give_an_empty_result(shape):
     got = token_kl(torch.zeros(shape), torch.zeros(shape))
     assert got.shape == shape[:-1] and got.dtype == torch.float32
+
+
+# --- the torch path on a GPU ("rows": blocks of whole rows through log_softmax), run here on the CPU
+
+
+def test_the_torch_path_is_rows_on_a_gpu_and_chunks_on_the_cpu():
+    import estimators.vocab as vocab
+    assert vocab._torch_path(torch.zeros(1)) == "chunks"
+    assert vocab._torch_path(torch.zeros(1, device="meta")) == "rows"
+    assert vocab._path(torch.zeros(2, 3), torch.zeros(2, 3), "torch") == "chunks"
+
+
+def _masked_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten rows of 100 logits, each masked in its own way (see the comments)."""
+    g = torch.Generator().manual_seed(41)
+    logits_p = 3 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    logits_q = 3 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    logits_p[1, :5] = -math.inf                  # p_v = 0
+    logits_q[2, 90:] = -math.inf                 # q_v = 0 < p_v: +inf
+    logits_p[3, :99] = -math.inf                 # p is a point mass on the last token
+    logits_p[4, 40:] = logits_q[4, 40:] = -math.inf
+    logits_p[5, 10] = -200.0                     # p_v = e^-200 underflows in float32, and q_v = 0: still +inf
+    logits_q[5, 10] = -math.inf
+    logits_p[6, 20:60] = logits_q[6, 20:60] = -1e30
+    logits_p, logits_q = logits_p.to(dtype), logits_q.to(dtype)
+    if dtype != torch.float64:
+        logits_p[7, 50:] = logits_q[7, 50:] = torch.finfo(dtype).min
+        logits_p[8, :30] = torch.finfo(dtype).min
+    return logits_p, logits_q
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_rows_path_matches_float64_with_every_mask(monkeypatch, dtype):
+    import estimators.vocab as vocab
+    monkeypatch.setattr(vocab, "_ROW_TILE", 300)                   # blocks of 3 rows: finite and masked blocks
+    logits_p, logits_q = _masked_rows(dtype)
+    got = vocab._compute("rows", logits_p.view(2, 5, 100), logits_q.view(2, 5, 100), 100, grad=False).view(10)
+    expected = masked_reference_kl(logits_p, logits_q)
+    inf = torch.tensor([row in (2, 5) for row in range(10)])
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert (got[inf] == math.inf).all() and torch.isfinite(got[~inf]).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got[~inf].double(), expected[~inf], rtol=tol, atol=tol)
+    torch.testing.assert_close(got, token_kl(logits_p, logits_q, backend="torch"), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("row", "value", "match"), [(0, math.nan, "logits_p contains NaN"),
+                                                     (0, math.inf, r"logits_p contains \+inf"),
+                                                     (None, -math.inf, "logits_p has a row whose logits are all -inf")])
+def test_rows_path_raises_the_same_errors(row, value, match):
+    import estimators.vocab as vocab
+    logits_p, logits_q = torch.zeros(3, 8), torch.zeros(3, 8)
+    logits_p[1, row] = value
+    with pytest.raises(ValueError, match=match):
+        vocab._compute("rows", logits_p, logits_q, 8, grad=False)
+    assert vocab._compute("rows", torch.zeros(0, 8), torch.zeros(0, 8), 8, grad=False).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_rows_path_gradient_matches_the_chunk_path(monkeypatch, dtype):
+    import estimators.vocab as vocab
+    monkeypatch.setattr(vocab, "_ROW_TILE", 300)
+    logits_p, logits_q = _masked_rows(dtype)
+    finite = [0, 1, 3, 4, 6, 7, 8, 9]                              # +inf rows have no gradient
+    weights = torch.randn(len(finite), generator=torch.Generator().manual_seed(42), dtype=vocab._acc(dtype))
+    grads = []
+    for path in ("rows", "chunks"):
+        a = logits_p[finite].clone().requires_grad_()
+        b = logits_q[finite].clone().requires_grad_()
+        (vocab._compute(path, a, b, 32, grad=True) * weights).sum().backward()
+        grads.append((a.grad, b.grad))
+        assert a.grad.dtype == dtype and (a.grad[1, :5] == 0).all() and (a.grad[2, :99] == 0).all()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x, y: vocab._compute("rows", x, y, 7, grad=True),
+                                        (logits_p[:1, :20].clone().requires_grad_(),
+                                         logits_q[:1, :20].clone().requires_grad_()))
