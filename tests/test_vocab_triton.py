@@ -188,10 +188,12 @@ def test_zero_rows_give_an_empty_result():
 
 
 def _reference_grads(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor):
-    """Float64 autograd of Σ weights · KL on the same (rounded) logits, -inf as -1e4 (p_v = e^-1e4 is exactly 0)."""
+    """Float64 autograd of Σ weights · Σ_v p_v (log p_v - log q_v) through log_softmax, on the same (rounded)
+    logits, -inf as -1e4 (p_v = e^-1e4 is exactly 0, and autograd has no NaN)."""
     a64 = a.detach().double().nan_to_num(neginf=-1e4).requires_grad_()
     b64 = b.detach().double().nan_to_num(neginf=-1e4).requires_grad_()
-    (token_kl(a64, b64, backend="torch") * weights).sum().backward()
+    lp, lq = torch.log_softmax(a64, -1), torch.log_softmax(b64, -1)
+    ((lp.exp() * (lp - lq)).sum(-1) * weights).sum().backward()
     return a64.grad, b64.grad
 
 
@@ -278,25 +280,42 @@ def test_kernels_compile_for_an_h100_with_vector_loads_and_two_exp2_per_token():
             assert got["stores"] == {"st.global.v4.b32": vectors}, (kernel, got["stores"])
 
 
-def test_the_gpu_table_has_every_method_and_ratio(monkeypatch):
-    """vocab_gpu_figures on a small shape (on the CPU under the interpreter where there is no GPU), with a
-    stand-in for Liger-Kernel's KL forward, and with one that fails: the table keeps its other rows."""
+def test_the_gpu_table_has_every_method_pass_and_ratio(monkeypatch):
+    """vocab_gpu_figures on a small shape (on the CPU under the interpreter where there is no GPU), with stand-ins
+    for Liger-Kernel's KL loss and torch.compile, and with ones that fail: the table keeps its other rows."""
     from reports import throughput
 
-    def stand_in(log_q, log_p):  # Liger's forward on log-probabilities: Σ_v p_v (log p_v - log q_v), summed
+    def stand_in(log_q, log_p):  # Liger's KL loss on log-probabilities: Σ_v p_v (log p_v - log q_v), summed
         return (log_p.float().exp() * (log_p.float() - log_q.float())).sum()
 
-    monkeypatch.setattr(throughput, "liger_kl_forward", lambda: stand_in)
-    frame = throughput.vocab_gpu_figures(4, 3000, torch.bfloat16, repeat=1, device=DEVICE).set_index("method")
-    assert list(frame.index) == ["token_kl (triton)", "token_kl (torch)", "log_softmax + kl_div", "Liger KL forward"]
-    assert frame.loc["Liger KL forward", "× Liger"] == 1.0
-    assert frame.loc["log_softmax + kl_div", "× log_softmax + kl_div"] == 1.0
+    monkeypatch.setattr(throughput, "liger_kl", lambda: stand_in)
+    monkeypatch.setattr(throughput, "compiled_torch_token_kl", lambda: throughput.torch_token_kl)
+    frame = throughput.vocab_gpu_figures(4, 3000, torch.bfloat16, repeat=1, device=DEVICE)
+    methods = ["token_kl (triton)", "token_kl (torch)", "log_softmax + kl_div", "torch.compile(log_softmax + kl_div)",
+               "Liger KL (kernel alone)", "Liger KL (from logits)"]
+    assert list(frame["method"]) == [m for m in methods for _ in throughput.PASSES]
+    assert list(frame["pass"]) == list(throughput.PASSES) * len(methods)
+    indexed = frame.set_index(["method", "pass"])
+    for column, baseline in throughput.BASELINES.items():
+        assert (indexed.loc[baseline, column] == 1.0).all()
     assert (frame["GB/s"] > 0).all() and frame.attrs["shape"] == "[4, 3000] torch.bfloat16"
+    # asv's GPU tracks read this table: every ratio of the Triton kernels in both passes
+    from benchmarks.bench_throughput import VocabKLGPU
+    bench = VocabKLGPU()
+    for work in throughput.PASSES:
+        ratios = {name: getattr(bench, name)(indexed, work) for name in dir(bench) if name.startswith("track_")}
+        assert len(ratios) == 5 and all(value > 0 for name, value in ratios.items() if "peak" not in name)
 
     def broken(log_q, log_p):
-        raise TypeError("kldiv_forward_triton() got an unexpected keyword argument 'reduction'")
+        raise TypeError("LigerKLDIVLoss.forward() got an unexpected keyword argument 'eps'")
 
-    monkeypatch.setattr(throughput, "liger_kl_forward", lambda: broken)
+    def no_compiler(*logits):
+        raise RuntimeError("Compiler: cc is not found")
+
+    monkeypatch.setattr(throughput, "liger_kl", lambda: broken)
+    monkeypatch.setattr(throughput, "compiled_torch_token_kl", lambda: no_compiler)
     frame = throughput.vocab_gpu_figures(4, 3000, torch.bfloat16, repeat=1, device=DEVICE)
-    assert "Liger KL forward" not in set(frame["method"]) and frame.attrs["Liger"].startswith("failed, left out")
-    assert frame["× Liger"].isna().all()
+    assert set(frame["method"]) == set(methods[:3])
+    assert frame.attrs["Liger KL (kernel alone), forward"].startswith("failed, left out: TypeError")
+    assert frame.attrs["torch.compile(log_softmax + kl_div), forward + backward"].endswith("cc is not found")
+    assert frame[list(throughput.BASELINES)[:3]].isna().all().all()
