@@ -358,7 +358,7 @@ def _rows_forward(logits_p: Tensor, logits_q: Tensor, chunk: int) -> tuple[Tenso
         if not bool(part.isfinite().all()):
             p = lp.exp()
             part = torch.where(p == 0, 0.0, p * (lp - lq)).sum(-1)
-            part.masked_fill_(((lq == -math.inf) & (lp != -math.inf)).any(-1), math.inf)
+            part.masked_fill_(((lq == -math.inf) & (lp > -math.inf)).any(-1), math.inf)   # a NaN row stays NaN
         kl[rows] = part
     return (kl.reshape(logits_p.shape[:-1]).clamp_min_(0.0),)
 

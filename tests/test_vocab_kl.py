@@ -398,6 +398,7 @@ def test_rows_path_raises_the_same_errors(row, value, match):
     import estimators.vocab as vocab
     logits_p, logits_q = torch.zeros(3, 8), torch.zeros(3, 8)
     logits_p[1, row] = value
+    logits_q[1, 5] = -math.inf                   # a support mismatch in the same row must not hide the error
     with pytest.raises(ValueError, match=match):
         vocab._compute("rows", logits_p, logits_q, 8, grad=False)
     assert vocab._compute("rows", torch.zeros(0, 8), torch.zeros(0, 8), 8, grad=False).shape == (0,)
