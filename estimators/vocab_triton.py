@@ -8,11 +8,11 @@ that :math:`KL(p \| q) = t / s_a - \log s_a + \log s_b`. Per token pair: two shi
 two ``exp2``, against 4 bytes read in bf16; the only per-token bookkeeping is a per-lane flag for a support
 mismatch, reduced once after the loop (reducing integer counts every block cost a third of the kernel's time on an
 H200, 3.38 ms against 2.28 ms at [16384, 131072] bf16, as measured in issue 12). Each logit is read once in its own
-dtype (bf16, fp16 or fp32); the ``[rows]`` KL and the ``[rows, 2]`` log-normalizers :math:`\mathrm{lse}(a),
-\mathrm{lse}(b)` are all it writes.
+dtype (bf16, fp16 or fp32); the ``[rows]`` KL and ``[rows, 4]`` statistics (the references and log-sums of
+:math:`\mathrm{lse}(a)` and :math:`\mathrm{lse}(b)`) are all it writes.
 
-Backward: one program per (row, block of tokens), no loop and no reduction: with :math:`\log p_v = a_v -
-\mathrm{lse}(a)` and :math:`\log q_v = b_v - \mathrm{lse}(b)` from the saved statistics,
+Backward: one program per (row, block of tokens), no loop and no reduction: with :math:`\log p_v = (a_v - r_a) -
+\log s_a` and :math:`\log q_v = (b_v - r_b) - \log s_b` from the saved statistics,
 
 .. math:: \partial KL / \partial a_v = p_v(\log p_v - \log q_v - KL), \qquad \partial KL / \partial b_v = q_v - p_v,
 
@@ -70,26 +70,27 @@ def block_and_warps(vocab: int) -> tuple[int, int]:
 
 
 def forward(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row ``KL(softmax(a) ‖ softmax(b))`` of two ``[rows, V]`` tensors whose last dimension is contiguous,
-    float32 ``[rows]``, and the per-row statistics the backward pass needs, ``(lse(a), lse(b))`` as float32
-    ``[rows, 2]``. Inputs are assumed checked by ``token_kl`` (same shape, dtype and device)."""
+    r"""Per-row ``KL(softmax(a) ‖ softmax(b))`` of two ``[rows, V]`` tensors whose last dimension is contiguous,
+    float32 ``[rows]``, and the per-row statistics the backward pass needs, float32 ``[rows, 4]``: the references
+    (row maxima) and log-sums :math:`(r_a, \log s_a, r_b, \log s_b)`, so that :math:`\mathrm{lse} = r + \log s`.
+    Inputs are assumed checked by ``token_kl`` (same shape, dtype and device)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     rows, vocab = logits_p.shape
     kl = torch.empty(rows, dtype=torch.float32, device=logits_p.device)
-    lse = torch.empty(rows, 2, dtype=torch.float32, device=logits_p.device)
+    stats = torch.empty(rows, 4, dtype=torch.float32, device=logits_p.device)
     if rows:
         block, warps = block_and_warps(vocab)
-        _forward_kernel[(rows,)](logits_p, logits_q, kl, lse, vocab, logits_p.stride(0), logits_q.stride(0),
+        _forward_kernel[(rows,)](logits_p, logits_q, kl, stats, vocab, logits_p.stride(0), logits_q.stride(0),
                                  BLOCK=block, num_warps=warps, enable_fp_fusion=True)
-    return kl, lse
+    return kl, stats
 
 
-def backward(logits_p: Tensor, logits_q: Tensor, kl: Tensor, lse: Tensor, grad: Tensor, grad_p: bool,
+def backward(logits_p: Tensor, logits_q: Tensor, kl: Tensor, stats: Tensor, grad: Tensor, grad_p: bool,
              grad_q: bool) -> tuple[Tensor | None, Tensor | None]:
     r"""The gradients of :math:`\sum_r g_r KL_r` with respect to ``logits_p`` and ``logits_q`` (``[rows, V]``, last
     dimension contiguous), contiguous in the input dtype, or None where ``grad_p`` / ``grad_q`` is False: one more
-    read of the logits, with ``kl`` and ``lse`` from :func:`forward` and the upstream gradient ``grad`` (``[rows]``)."""
+    read of the logits, with ``kl`` and ``stats`` from :func:`forward` and the upstream gradient ``grad`` (``[rows]``)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     rows, vocab = logits_p.shape
@@ -99,7 +100,7 @@ def backward(logits_p: Tensor, logits_q: Tensor, kl: Tensor, lse: Tensor, grad: 
         block, warps = block_and_warps(vocab)
         grad = grad.to(torch.float32).contiguous()         # autograd may hand an expanded (stride-0) gradient
         _backward_kernel[(rows, triton.cdiv(vocab, block))](
-            logits_p, logits_q, kl, lse, grad, ga if grad_p else kl, gb if grad_q else kl, vocab,  # kl: unused slot
+            logits_p, logits_q, kl, stats, grad, ga if grad_p else kl, gb if grad_q else kl, vocab,  # kl: unused slot
             logits_p.stride(0), logits_q.stride(0), BLOCK=block, GRAD_P=grad_p, GRAD_Q=grad_q, num_warps=warps,
             enable_fp_fusion=True)
     return ga, gb
@@ -109,7 +110,7 @@ if triton is not None:
     _LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
-    def _forward_kernel(a_ptr, b_ptr, kl_ptr, lse_ptr, vocab, stride_a, stride_b, BLOCK: tl.constexpr):
+    def _forward_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, BLOCK: tl.constexpr):
         # Each logit is shifted by its row's running maximum first (x = a - r_a: exact for logits of any size, and a
         # finfo.min mask stays finite), then scaled to base 2 for one MUFU exp2: e^x = 2^(x·log2 e).
         row = tl.program_id(0).to(tl.int64)             # row · stride overflows int32 at 16384 × 131072
@@ -156,13 +157,16 @@ if triton is not None:
         # shifted value inf - inf is NaN: an invalid row needs no test per token.
         invalid = (s_a != s_a) | (s_b != s_b) | (m_a == float("-inf")) | (m_b == float("-inf"))
         tl.store(kl_ptr + row, tl.where(invalid, float("nan"), kl))
-        tl.store(lse_ptr + 2 * row, r_a + log_s_a)
-        tl.store(lse_ptr + 2 * row + 1, r_b + log_s_b)
+        tl.store(stats_ptr + 4 * row, r_a)          # lse = r + log s, kept apart: see the backward kernel
+        tl.store(stats_ptr + 4 * row + 1, log_s_a)
+        tl.store(stats_ptr + 4 * row + 2, r_b)
+        tl.store(stats_ptr + 4 * row + 3, log_s_b)
 
     @triton.jit
-    def _backward_kernel(a_ptr, b_ptr, kl_ptr, lse_ptr, grad_ptr, ga_ptr, gb_ptr, vocab, stride_a, stride_b,
+    def _backward_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, grad_ptr, ga_ptr, gb_ptr, vocab, stride_a, stride_b,
                          BLOCK: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr):
-        # One program per (row, block of BLOCK tokens); no loop and no reduction: log p = a - lse(a), and
+        # One program per (row, block of BLOCK tokens); no loop and no reduction: log p = (a - r_a) - log s_a
+        # (r_a is a logit, so a - r_a rounds to its own ulp; a - lse(a) would round lse to the logits' ulp), and
         # dKL/da = p (log p - log q - KL) (0 where p = 0), dKL/db = q - p, each times the row's upstream gradient.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -170,8 +174,8 @@ if triton is not None:
         a = tl.load(a_ptr + row * stride_a + offs, mask=inside, other=float("-inf")).to(tl.float32)
         b = tl.load(b_ptr + row * stride_b + offs, mask=inside, other=float("-inf")).to(tl.float32)
         g = tl.load(grad_ptr + row)
-        lp = a - tl.load(lse_ptr + 2 * row)
-        lq = b - tl.load(lse_ptr + 2 * row + 1)
+        lp = (a - tl.load(stats_ptr + 4 * row)) - tl.load(stats_ptr + 4 * row + 1)
+        lq = (b - tl.load(stats_ptr + 4 * row + 2)) - tl.load(stats_ptr + 4 * row + 3)
         p = tl.exp2(lp * _LOG2E)
         if GRAD_P:
             ga = tl.where(p == 0.0, 0.0, g * p * ((lp - lq) - tl.load(kl_ptr + row)))
