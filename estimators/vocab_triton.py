@@ -62,7 +62,7 @@ def available(logits: Tensor) -> bool:
 def block_and_warps(vocab: int) -> tuple[int, int]:
     """(tokens per block, warps per program), for both kernels: 2048 tokens over 4 warps, so each thread reads two
     16-byte vectors of bf16 per operand and block. Chosen from ptxas's report for sm_90, not yet from timings: the
-    forward kernel needs 72 registers in bf16 (77 in fp32; 87 before its per-lane flags) and the backward 43, no
+    forward kernel needs 72 registers in bf16 (77 in fp32; 87 before its per-lane flags) and the backward 48, no
     spills, so 6-7 forward programs (24-28 warps, 48-56 KiB of loads in flight) fit on an SM, where 8192 tokens
     over 16 warps needed 95 and fit one. Smaller vocabularies take the next power of two."""
     block = min(2048, triton.next_power_of_2(vocab))
