@@ -99,8 +99,9 @@ def backward(logits_p: Tensor, logits_q: Tensor, kl: Tensor, stats: Tensor, grad
     if rows:
         block, warps = block_and_warps(vocab)
         grad = grad.to(torch.float32).contiguous()         # autograd may hand an expanded (stride-0) gradient
+        # a gradient that is not wanted is never written: its pointer slot takes kl as a placeholder
         _backward_kernel[(rows, triton.cdiv(vocab, block))](
-            logits_p, logits_q, kl, stats, grad, ga if grad_p else kl, gb if grad_q else kl, vocab,  # kl: unused slot
+            logits_p, logits_q, kl, stats, grad, ga if grad_p else kl, gb if grad_q else kl, vocab,
             logits_p.stride(0), logits_q.stride(0), BLOCK=block, GRAD_P=grad_p, GRAD_Q=grad_q, num_warps=warps,
             enable_fp_fusion=True)
     return ga, gb
