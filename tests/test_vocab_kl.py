@@ -343,8 +343,13 @@ def test_huge_logits_are_shifted_before_they_are_scaled(offset):
 
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5)])
 def test_zero_rows_give_an_empty_result(shape):
+    import estimators.vocab as vocab
     got = token_kl(torch.zeros(shape), torch.zeros(shape))
     assert got.shape == shape[:-1] and got.dtype == torch.float32
+    for path in ("chunks", "rows"):                                # and an empty gradient
+        a = torch.zeros(shape, requires_grad=True)
+        vocab._compute(path, a, torch.zeros(shape), 5, grad=True).sum().backward()
+        assert a.grad.shape == shape
 
 
 # --- the torch path on a GPU ("rows": blocks of whole rows through log_softmax), run here on the CPU
