@@ -8,7 +8,7 @@ from estimators import kl
 from estimators.vocab import token_kl
 from reports.study import StudyConfig, run_study
 
-from reports.throughput import (best_of, logit_pair, read_floor, require_device, study_throughput,
+from reports.throughput import (PASSES, best_of, logit_pair, read_floor, require_device, study_throughput,
                                 torch_token_kl, vocab_gpu_figures)
 
 #: ESTBENCH_ASV_SMOKE=1 (CI's dry run) keeps the small sizes only, so that a broken benchmark fails fast.
@@ -129,29 +129,49 @@ class VocabKL:
 
 
 class VocabKLGPU:
-    """The issue's GPU target at [16384, 131072] bf16: token_kl's Triton kernel against the card's peak memory
-    bandwidth (target: time ≤ 1/0.85 of reading both tensors at peak), Liger-Kernel's KL forward (target < 1;
-    ``pip install liger-kernel`` beside the suite, else that track is NaN) and log_softmax + kl_div in torch.
-    Skipped without a GPU."""
+    """The issue's GPU target at [16384, 131072] bf16, forward and forward + backward: token_kl's Triton kernels
+    against the card's peak memory bandwidth (target: time ≤ 1/0.85 of moving the pass's least traffic at peak),
+    Liger-Kernel's KL loss, its kernel alone and from logits (``pip install liger-kernel`` beside the suite, else
+    those tracks are NaN), and log_softmax + kl_div under torch.compile and eager. Skipped without a GPU."""
 
-    timeout = 600
+    timeout = 1200
     shape = (256, 131072) if SMOKE else (16384, 131072)
+    params = list(PASSES)
+    param_names = ["pass"]
 
-    def setup(self):
+    def setup_cache(self):
+        if torch.cuda.is_available():
+            return vocab_gpu_figures(*self.shape).set_index(["method", "pass"])
+        return None
+
+    def setup(self, frame, pass_):
         require_device("cuda")
-        self.triton = vocab_gpu_figures(*self.shape).set_index("method").loc["token_kl (triton)"]
 
-    def track_time_over_peak_bandwidth(self):
-        return 1 / self.triton["of peak bandwidth"]
+    @staticmethod
+    def _triton(frame, pass_):
+        return frame.loc[("token_kl (triton)", pass_)]
+
+    def track_time_over_peak_bandwidth(self, frame, pass_):
+        return 1 / self._triton(frame, pass_)["of peak bandwidth"]
 
     track_time_over_peak_bandwidth.unit = "× ideal"
 
-    def track_time_over_liger(self):
-        return self.triton["× Liger"]
+    def track_time_over_liger_kernel(self, frame, pass_):
+        return self._triton(frame, pass_)["× Liger kernel"]
 
-    track_time_over_liger.unit = "× Liger"
+    track_time_over_liger_kernel.unit = "× Liger"
 
-    def track_time_over_torch(self):
-        return self.triton["× log_softmax + kl_div"]
+    def track_time_over_liger_from_logits(self, frame, pass_):
+        return self._triton(frame, pass_)["× Liger from logits"]
+
+    track_time_over_liger_from_logits.unit = "× Liger"
+
+    def track_time_over_torch_compile(self, frame, pass_):
+        return self._triton(frame, pass_)["× torch.compile"]
+
+    track_time_over_torch_compile.unit = "× torch.compile"
+
+    def track_time_over_torch(self, frame, pass_):
+        return self._triton(frame, pass_)["× log_softmax + kl_div"]
 
     track_time_over_torch.unit = "× torch"

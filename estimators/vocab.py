@@ -25,9 +25,10 @@ so that :math:`\mathrm{lse}(a) = r_a + \log s_a`, :math:`\mathrm{lse}(b) = r_b +
 
 The references cancel: keeping the shifted differences :math:`(a_v - r_a) - (b_v - r_b)` inside :math:`t` avoids
 the cancellation of the large terms :math:`\mathbb{E}_p[a - b]` and :math:`\mathrm{lse}(a) - \mathrm{lse}(b)` when the
-KL is small or the logits are large. Tiles are computed in the accumulation dtype (float32, or float64 for
-float64 inputs) and in base 2 (``exp2`` is ~2.5x faster than ``exp`` on CPU: :math:`e^x = 2^{x \log_2 e}`); the
-per-row sums are kept in float64.
+KL is small or the logits are large. Each logit is shifted by its reference before anything else (so logits of
+5e9 or 1e30, and ``finfo.min`` masks, stay exact and finite); tiles are computed in the accumulation dtype
+(float32, or float64 for float64 inputs), exponentials in base 2 (``exp2`` is ~2.5x faster than ``exp`` on CPU:
+:math:`e^x = 2^{x \log_2 e}`); the per-row sums are kept in float64.
 
 * Fast path: :math:`r_a, r_b` are the maxima of the first chunk and never change, and nothing is masked or tested
   per tile. A later logit far above its reference overflows (by ~88 in float32, ~709 in float64), a ``-inf`` logit
@@ -35,15 +36,24 @@ per-row sums are kept in float64.
 * the careful path: :math:`r_a, r_b` are the running maxima :math:`m_a, m_b`. When a tile raises them to
   :math:`m_a', m_b'`, the sums are rescaled, :math:`s_a \leftarrow e^{m_a - m_a'} s_a`,
   :math:`s_b \leftarrow e^{m_b - m_b'} s_b` and
-  :math:`t \leftarrow e^{m_a - m_a'}\,\big(t + s_a\,[(m_a - m_b) - (m_a' - m_b')]\big)`; a term with
-  :math:`a_v = -\infty` (:math:`p_v = 0`) is 0, and a token with :math:`b_v = -\infty < a_v`
-  (:math:`q_v = 0 < p_v`) makes the row ``+inf``, even where :math:`e^{a_v - m_a}` underflows to 0.
+  :math:`t \leftarrow e^{m_a - m_a'}\,\big(t + s_a\,[(m_a - m_b) - (m_a' - m_b')]\big)`; a term whose
+  :math:`e^{a_v - m_a}` is 0 (:math:`a_v = -\infty`, a ``finfo.min`` mask, or below the accumulation dtype's
+  range) is 0, and a token with :math:`b_v = -\infty < a_v` (:math:`q_v = 0 < p_v`) makes the row ``+inf``, even
+  where :math:`e^{a_v - m_a}` underflows to 0.
 
-On a CUDA device with Triton installed, the forward pass runs as one fused kernel instead
-(:mod:`estimators.vocab_triton`: the same online softmax, one program per row, float32 state); ``backend`` chooses.
+That is the CPU path ("chunks"). On a GPU, ``token_kl`` takes one of two others (``backend`` chooses):
 
-The gradient (when an input requires one) is :math:`\partial KL/\partial a_v = p_v(\log p_v - \log q_v - KL)` and
-:math:`\partial KL/\partial b_v = q_v - p_v`, computed chunk by chunk from the saved :math:`\mathrm{lse}` values.
+* ``"triton"`` (CUDA with Triton installed, float32/float16/bfloat16): fused kernels for the forward pass (the
+  same online softmax, one program per row, float32 state) and the backward pass (:mod:`estimators.vocab_triton`);
+* ``"rows"`` (any other GPU case: float64, no Triton, rows that are not unit-stride): blocks of whole rows, about
+  2**26 logits at a time, through ``log_softmax`` and ``kl_div`` as eager torch computes them, in bounded memory;
+  a block whose result is not finite (a ``-inf`` logit gives :math:`0 \cdot \infty`) is redone with the masks of
+  the careful path. (The vocabulary-chunk loop tuned for CPU caches was 10x slower than eager on an H200.)
+
+The gradient (when an input requires one) is :math:`\partial KL/\partial a_v = p_v(\log p_v - \log q_v - KL)`
+(0 where :math:`p_v = 0`) and :math:`\partial KL/\partial b_v = q_v - p_v`, times the upstream gradient: on the CPU
+chunk by chunk from the saved :math:`\mathrm{lse}` values, on the rows path block by block from ``log_softmax``
+again, and in the backward kernel from the saved per-row :math:`\mathrm{lse}` and KL, written in the input dtype.
 """
 from __future__ import annotations
 
@@ -51,6 +61,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._validate import check_float_tensor
@@ -75,22 +86,25 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384, backen
         logits_q: unnormalized log-probabilities of q (the reference), same shape, dtype and device.
         chunk_size: at most this many vocabulary entries are processed at once (the vocabulary is cut into
             equal chunks). The extra memory is three tiles of ``block x chunk`` elements of the accumulation dtype,
-            where ``block <= rows`` rows (about ``2**20 / chunk``) are taken at a time. (The torch path only.)
-        backend: ``"torch"`` (the chunked one-pass algorithm above), ``"triton"`` (the fused kernel of
-            :mod:`estimators.vocab_triton`: CUDA, or Triton's CPU interpreter, float32/float16/bfloat16 inputs,
-            no gradient), or ``"auto"``: Triton for CUDA tensors where it is installed and no gradient is
-            needed, else torch. If the kernel fails to launch under ``"auto"``, a warning says why and torch
-            computes the result.
+            where ``block <= rows`` rows (about ``2**20 / chunk``) are taken at a time. (The CPU path only.)
+        backend: ``"torch"``, ``"triton"`` (the fused kernels of :mod:`estimators.vocab_triton`, forward and
+            backward: CUDA, or Triton's CPU interpreter, float32/float16/bfloat16 inputs), or ``"auto"``: Triton
+            for CUDA tensors where it is installed and the rows are unit-stride views, else torch. The torch path
+            is the one-pass algorithm above on the CPU, and on a GPU blocks of whole rows through ``log_softmax``
+            (about ``2**26`` logits a block: bounded memory at the speed of eager ``log_softmax`` + ``kl_div``).
+            If a kernel fails to launch under ``"auto"``, a warning says why and torch computes the result.
 
     Returns:
         A tensor of shape ``[...]``. It is accumulated and returned in float64 for float64 inputs and in
         float32 for every other float dtype (so float16 and bfloat16 inputs give a float32 result; the Triton
-        kernel keeps its per-row sums in float32, the torch path in float64).
+        kernel keeps its per-row sums in float32, the CPU path in float64). Zero rows give an empty result.
 
     A logit of ``-inf`` is a token of probability zero (a masked or top-k-truncated token): where
     :math:`p_v = 0` the term is 0, and where :math:`p_v > 0` but :math:`q_v = 0` the result is ``+inf``
-    (a support mismatch, which is the correct value). Rounding can leave a KL near 0 a few ulps below 0;
-    the result is clamped at 0, since KL is never negative.
+    (a support mismatch, which is the correct value). A ``finfo(dtype).min`` logit (how Hugging Face masks) is
+    a token of probability :math:`e^{-3.4 \cdot 10^{38}} = 0` in p; in q alone it makes a finite but huge term
+    (or ``+inf`` once that overflows). Rounding can leave a KL near 0 a few ulps below 0; the result is clamped
+    at 0, since KL is never negative. The gradient of a row whose KL is ``+inf`` is NaN.
 
     Raises:
         ValueError: naming the argument, for a non-tensor, a non-float dtype, a 0-d tensor, an empty
@@ -117,64 +131,77 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384, backen
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    grad = torch.is_grad_enabled() and (logits_p.requires_grad or logits_q.requires_grad)
-    if backend == "triton" and grad:
-        raise ValueError("backend='triton' has no backward pass; use backend='auto' or 'torch' for a gradient")
     vocab = logits_p.shape[-1]
     chunk = -(-vocab // -(-vocab // chunk_size))           # at most chunk_size, in equal parts
-    if grad:
-        return _TokenKL.apply(logits_p, logits_q, chunk)
+    grad = torch.is_grad_enabled() and (logits_p.requires_grad or logits_q.requires_grad)
+    return _compute(_path(logits_p, logits_q, backend), logits_p, logits_q, chunk, grad, strict=backend != "auto")
+
+
+def _path(logits_p: Tensor, logits_q: Tensor, backend: str) -> str:
+    """The key of :data:`_PATHS` that computes ``token_kl`` for ``backend``: ``"triton"`` where asked for, or under
+    ``"auto"`` for CUDA tensors whose rows the kernels read as they are; else :func:`_torch_path`."""
     if backend == "triton" or (backend == "auto" and logits_p.is_cuda):
         from . import vocab_triton  # imports Triton (~0.2 s), so only where its kernel may run
 
         if vocab_triton.available(logits_p):
-            kl = _triton(logits_p, logits_q, chunk, strict=backend == "triton")
-            if kl is not None:
-                return kl
+            if backend == "triton" or all(_rows(t).dim() == 2 and _rows(t).stride(-1) == 1
+                                          for t in (logits_p, logits_q)):
+                return "triton"
         elif backend == "triton":
             raise ValueError(f"backend='triton' needs Triton and a CUDA tensor of dtype float32, float16 or bfloat16 "
                              f"(or TRITON_INTERPRET=1 on the CPU), got a {logits_p.dtype} tensor on "
                              f"{logits_p.device}" + ("" if vocab_triton.triton else " and Triton is not installed"))
-    return _forward(logits_p, logits_q, chunk)[0]
+    return _torch_path(logits_p)
 
 
-def _triton(logits_p: Tensor, logits_q: Tensor, chunk: int, strict: bool) -> Tensor | None:
-    """The fused kernel's result, shape ``[...]``; raises like the torch path on invalid logits. Not strict
-    (``backend="auto"``): None where the rows are not a unit-stride view, or, with a warning, where the
-    kernel fails to launch. Strict: the rows are copied to a contiguous layout if need be."""
-    from . import vocab_triton
+def _torch_path(logits: Tensor) -> str:
+    """``"chunks"`` on the CPU (the one-pass algorithm over cache-sized tiles), ``"rows"`` on any other device
+    (blocks of whole rows: the vocabulary-chunk loop tuned for CPU caches is 10x slower than eager on a GPU)."""
+    return "chunks" if logits.device.type == "cpu" else "rows"
 
-    vocab = logits_p.shape[-1]
-    a, b = _rows(logits_p), _rows(logits_q)
-    if a.dim() != 2 or a.stride(-1) != 1 or b.stride(-1) != 1:
-        if not strict:
-            return None
-        a, b = logits_p.reshape(-1, vocab).contiguous(), logits_q.reshape(-1, vocab).contiguous()
+
+def _compute(path: str, logits_p: Tensor, logits_q: Tensor, chunk: int, grad: bool, strict: bool = True) -> Tensor:
+    """``token_kl`` on ``path``, differentiable where ``grad``; raises on invalid logits. Not strict (``"auto"``): a
+    kernel that fails (Triton cannot compile for this GPU, say) is reported in a warning and
+    :func:`_torch_path` computes the result."""
     try:
-        kl = vocab_triton.token_kl_triton(a, b)
+        if grad:
+            kl = _TokenKL.apply(logits_p, logits_q, path, chunk)
+        else:
+            kl = _PATHS[path][0](logits_p, logits_q, chunk)[0]
     except Exception as err:  # a kernel that cannot compile here must not take token_kl down with it
-        if strict:
+        if strict or path != "triton":
             raise
         warnings.warn(f"token_kl's Triton kernel failed ({type(err).__name__}: {err}); using the torch path",
                       RuntimeWarning, stacklevel=3)
-        return None
+        return _compute(_torch_path(logits_p), logits_p, logits_q, chunk, grad)
     if bool(kl.isnan().any()):                             # a NaN, +inf or all -inf row: raise its error
         _check(logits_p, "logits_p", chunk)
         _check(logits_q, "logits_q", chunk)
-    return kl.reshape(logits_p.shape[:-1])
+    return kl
 
 
 def _forward(logits_p: Tensor, logits_q: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(KL, lse(logits_p), lse(logits_q))``, the KL in the accumulation dtype and the lse in float64."""
-    acc = torch.float64 if logits_p.dtype == torch.float64 else torch.float32
+    r"""``(KL, r_a, log s_a, r_b, log s_b)``: the KL in the accumulation dtype, and in float64 the references and
+    log-sums of the rows (:math:`\mathrm{lse} = r + \log s`), which the backward pass keeps apart: with the
+    references exact logits, :math:`\log p_v = (a_v - r_a) - \log s_a` stays exact for large logits, where
+    :math:`a_v - \mathrm{lse}(a)` rounded :math:`\mathrm{lse}` to the logits' ulp (2e-3 relative error in the
+    gradient at logits of 1e5)."""
+    acc = _acc(logits_p.dtype)
     a, b = _rows(logits_p), _rows(logits_q)               # views, never copies: [rows, V] or [rows, ..., V]
     block = max(1, _TILE // (chunk * math.prod(a.shape[1:-1])))
-    parts = []
-    for i in range(0, a.shape[0], block):
+    outs = [torch.empty(a.shape[:-1], dtype=torch.float64, device=a.device) for _ in range(5)]
+    for i in range(0, a.shape[0], block):                  # no rows: empty results
         ab, bb = a[i:i + block], b[i:i + block]
-        parts.append(_fast(ab, bb, chunk, acc) or _careful(ab, bb, chunk, acc, logits_p, logits_q))
-    kl, lse_a, lse_b = (torch.cat(part).reshape(logits_p.shape[:-1]) for part in zip(*parts))
-    return kl.clamp_min_(0.0).to(acc), lse_a, lse_b
+        for out, part in zip(outs, _fast(ab, bb, chunk, acc) or _careful(ab, bb, chunk, acc, logits_p, logits_q)):
+            out[i:i + block] = part
+    kl, *stats = (out.reshape(logits_p.shape[:-1]) for out in outs)
+    return kl.clamp_min_(0.0).to(acc), *stats
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float64 for float64 logits, float32 for every other float dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rows(logits: Tensor) -> Tensor:
@@ -196,25 +223,26 @@ def _tiles(a: Tensor, b: Tensor, chunk: int, acc: torch.dtype):
 
 
 def _tile_sums(at: Tensor, bt: Tensor, ra: Tensor, rb: Tensor, x: Tensor, y: Tensor, d: Tensor):
-    r"""With ``x = (a - r_a) log2(e)`` and ``y = (b - r_b) log2(e)``: the row sums of ``2^x`` and ``2^y``, and the
-    products ``2^x (x - y)``, which the caller sums (after masking); all in the buffers ``x, y, d``.
+    r"""With ``x = a - r_a`` and ``y = b - r_b``: the row sums of ``e^x`` and ``e^y``, and the products
+    ``e^x (x - y)``, which the caller sums (after masking); all in the buffers ``x, y, d`` (``x`` then holds ``e^x``).
 
-    ``x`` is one (fused) multiply-add, ``a log2(e) + (-r_a log2(e))``. Its rounding moves each logit by at most about
-    an ulp of the logit, which changes the KL by
-    :math:`\sum_v p_v(\log(p_v/q_v) - KL)\,\delta a_v + (q_v - p_v)\,\delta b_v`, small where p and q are close
-    (measured: errors ~1e-7 with float32 logits ~2000 and a KL ~1e-3)."""
+    The logits are shifted before anything else: ``a - r_a`` is exact where ``a`` is close to ``r_a`` (Sterbenz)
+    whatever the size of the logits (5e9, 1e30), and a ``finfo.min`` logit stays finite, so that ``x - y`` is finite
+    where both are masked and ``e^x`` (``2^{x log2 e}``, which may overflow to ``2^{-inf}`` = 0) is exactly 0. (The
+    one multiply-add ``a log2(e) - r_a log2(e)`` rounded each logit by an ulp of the logit: a NaN at 5e9.)"""
     for src, ref, out in ((at, ra, x), (bt, rb, y)):
         if src.dtype != out.dtype:
-            src = out.copy_(src)                          # convert in place: no hidden temporary in add
-        torch.add(ref * -_LOG2E, src, alpha=_LOG2E, out=out)
+            src = out.copy_(src)                          # convert in place (faster than a mixed-dtype sub)
+        torch.sub(src, ref, out=out)
     torch.sub(x, y, out=d)
-    return x.exp2_().sum(-1), y.exp2_().sum(-1), d.mul_(x)
+    ex = x.mul_(_LOG2E).exp2_()
+    return ex.sum(-1), y.mul_(_LOG2E).exp2_().sum(-1), d.mul_(ex)
 
 
-def _result(sa: Tensor, sb: Tensor, t: Tensor, ra: Tensor, rb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(KL, lse_a, lse_b)`` from the sums (``t`` in base-2 units) and the references."""
+def _result(sa: Tensor, sb: Tensor, t: Tensor, ra: Tensor, rb: Tensor) -> tuple[Tensor, ...]:
+    """``(KL, r_a, log s_a, r_b, log s_b)`` from the sums and the references."""
     log_sa, log_sb = sa.log(), sb.log()
-    return t / (sa * _LOG2E) - log_sa + log_sb, ra + log_sa, rb + log_sb
+    return t / sa - log_sa + log_sb, ra, log_sa, rb, log_sb
 
 
 def _fast(a: Tensor, b: Tensor, chunk: int, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -250,18 +278,18 @@ def _careful(a: Tensor, b: Tensor, chunk: int, acc: torch.dtype,
         mb2 = torch.maximum(mb, bt.amax(-1).double())
         ra2, rb2 = ma2.nan_to_num(neginf=0.0), mb2.nan_to_num(neginf=0.0)   # reference 0 while all -inf
         alpha_a, alpha_b = (ma - ra2).exp(), (mb - rb2).exp()               # 0 while all -inf
-        t = alpha_a * (t + sa * _LOG2E * ((ra - rb) - (ra2 - rb2)))
+        t = alpha_a * (t + sa * ((ra - rb) - (ra2 - rb2)))
         sa, sb, ma, mb, ra, rb = alpha_a * sa, alpha_b * sb, ma2, mb2, ra2, rb2
         sa_c, sb_c, terms = _tile_sums(at, bt, ra.to(acc).unsqueeze(-1), rb.to(acc).unsqueeze(-1), x, y, d)
         sa += sa_c
         sb += sb_c
-        t += torch.where(at == -inf, 0.0, terms).sum(-1)                    # p_v = 0: the term is 0, not NaN
+        t += torch.where(x == 0, 0.0, terms).sum(-1)                        # e^x = 0 (p_v = 0): the term is 0
         mismatch |= ((bt == -inf) & (at != -inf)).any(-1)                    # q_v = 0 < p_v: +inf
     if not bool(torch.isfinite(ma).all() & torch.isfinite(mb).all()):
         _check(logits_p, "logits_p", chunk)
         _check(logits_q, "logits_q", chunk)
-    kl, lse_a, lse_b = _result(sa, sb, t, ra, rb)
-    return torch.where(mismatch, inf, kl), lse_a, lse_b
+    kl, *stats = _result(sa, sb, t, ra, rb)
+    return torch.where(mismatch, inf, kl), *stats
 
 
 def _check(logits: Tensor, name: str, chunk: int) -> None:
@@ -281,31 +309,117 @@ def _check(logits: Tensor, name: str, chunk: int) -> None:
         raise ValueError(f"{name} has a row whose logits are all -inf, so no token has positive probability")
 
 
+def _grads(lp: Tensor, lq: Tensor, kl: Tensor, grad: Tensor, needs) -> tuple[Tensor | None, Tensor | None]:
+    r"""The gradients of ``grad · KL`` on a tile with log p = ``lp`` and log q = ``lq`` (``kl`` and ``grad`` per row,
+    broadcast): :math:`g\,p_v(\log p_v - \log q_v - KL)`, 0 where :math:`p_v = 0`, and :math:`g\,(q_v - p_v)`;
+    None where ``needs`` (two flags) says that one is not needed."""
+    p = lp.exp()
+    ga = torch.where(p == 0, 0.0, grad * p * (lp - lq - kl)) if needs[0] else None
+    gb = grad * (lq.exp() - p) if needs[1] else None
+    return ga, gb
+
+
+def _store(grads, index, values) -> None:
+    """Write each tile of ``values`` into ``grads[index]``, where that gradient is wanted (not None)."""
+    for out, value in zip(grads, values):
+        if out is not None:
+            out[index] = value
+
+
+def _chunks_backward(a: Tensor, b: Tensor, kl: Tensor, stats, grad: Tensor, needs, chunk: int):
+    r"""The CPU path's gradients, vocabulary chunk by vocabulary chunk, from the saved references and log-sums:
+    :math:`\log p_v = (a_v - r_a) - \log s_a`."""
+    acc = kl.dtype
+    grad, kl = grad.to(acc).unsqueeze(-1), kl.unsqueeze(-1)
+    ra, log_sa, rb, log_sb = (stat.to(acc).unsqueeze(-1) for stat in stats)
+    grads = tuple(torch.empty_like(t) if need else None for t, need in zip((a, b), needs))
+    for start in range(0, a.shape[-1], chunk):
+        part = (..., slice(start, start + chunk))
+        lp, lq = (a[part].to(acc) - ra).sub_(log_sa), (b[part].to(acc) - rb).sub_(log_sb)
+        _store(grads, part, _grads(lp, lq, kl, grad, needs))
+    return grads
+
+
+#: Logits per block of whole rows on the GPU's torch path: 2**26 (256 MiB per float32 temporary).
+_ROW_TILE = 1 << 26
+
+
+def _row_blocks(a: Tensor, b: Tensor, acc: torch.dtype):
+    """``(rows, log p, log q)`` for each block of whole rows (about :data:`_ROW_TILE` logits) of ``_rows`` views."""
+    block = max(1, _ROW_TILE // math.prod(a.shape[1:]))
+    for i in range(0, a.shape[0], block):
+        rows = slice(i, i + block)
+        yield rows, F.log_softmax(a[rows], -1, dtype=acc), F.log_softmax(b[rows], -1, dtype=acc)
+
+
+def _rows_forward(logits_p: Tensor, logits_q: Tensor, chunk: int) -> tuple[Tensor]:
+    r"""``(KL,)`` by blocks of whole rows: ``kl_div`` of the two ``log_softmax`` (eager's work, in bounded memory).
+    Where that is not finite (a ``-inf`` logit of p gives :math:`0 \cdot \infty`), the block's terms are masked
+    as on the careful path: 0 where :math:`p_v = 0`, and ``+inf`` for a token with :math:`q_v = 0 < p_v`."""
+    a, b = _rows(logits_p), _rows(logits_q)
+    kl = torch.empty(a.shape[:-1], dtype=_acc(a.dtype), device=a.device)
+    for rows, lp, lq in _row_blocks(a, b, kl.dtype):
+        part = F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+        if not bool(part.isfinite().all()):
+            p = lp.exp()
+            part = torch.where(p == 0, 0.0, p * (lp - lq)).sum(-1)
+            part.masked_fill_(((lq == -math.inf) & (lp > -math.inf)).any(-1), math.inf)   # a NaN row stays NaN
+        kl[rows] = part
+    return (kl.reshape(logits_p.shape[:-1]).clamp_min_(0.0),)
+
+
+def _rows_backward(a: Tensor, b: Tensor, kl: Tensor, stats, grad: Tensor, needs, chunk: int):
+    """The GPU torch path's gradients, by blocks of whole rows (``log_softmax`` again: nothing full-size saved)."""
+    av, bv = _rows(a), _rows(b)
+    grad, kl = grad.to(kl.dtype).reshape(av.shape[:-1]).unsqueeze(-1), kl.reshape(av.shape[:-1]).unsqueeze(-1)
+    grads = tuple(torch.empty(av.shape, dtype=t.dtype, device=t.device) if need else None
+                  for t, need in zip((a, b), needs))
+    for rows, lp, lq in _row_blocks(av, bv, kl.dtype):
+        _store(grads, rows, _grads(lp, lq, kl[rows], grad[rows], needs))
+    return tuple(g if g is None else g.view(a.shape) for g in grads)
+
+
+def _kernel_rows(logits: Tensor) -> Tensor:
+    """``logits`` as ``[rows, V]`` with unit-stride rows, as the kernels read them: a view, or else a copy."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _triton_forward(logits_p: Tensor, logits_q: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """``(KL, statistics)`` from the forward kernel: the KL shaped ``[...]``, the statistics ``[rows, 4]``."""
+    from . import vocab_triton
+
+    kl, stats = vocab_triton.forward(_kernel_rows(logits_p), _kernel_rows(logits_q))
+    return kl.reshape(logits_p.shape[:-1]), stats
+
+
+def _triton_backward(a: Tensor, b: Tensor, kl: Tensor, stats, grad: Tensor, needs, chunk: int):
+    """The gradients from the backward kernel, in the input dtype."""
+    from . import vocab_triton
+
+    grads = vocab_triton.backward(_kernel_rows(a), _kernel_rows(b), kl.reshape(-1), stats[0], grad.reshape(-1),
+                                  *needs)
+    return tuple(g if g is None else g.view(a.shape) for g in grads)
+
+
+#: ``token_kl``'s paths: ``(forward, backward)``, where ``forward(logits_p, logits_q, chunk)`` returns the KL and
+#: the per-row statistics its ``backward(a, b, kl, statistics, grad, needs, chunk)`` reads.
+_PATHS = {"chunks": (_forward, _chunks_backward), "rows": (_rows_forward, _rows_backward),
+          "triton": (_triton_forward, _triton_backward)}
+
+
 class _TokenKL(torch.autograd.Function):
-    """``token_kl`` with its gradient, computed chunk by chunk in the backward pass."""
+    """``token_kl`` on one of :data:`_PATHS`, with its gradient."""
 
     @staticmethod
-    def forward(ctx, logits_p: Tensor, logits_q: Tensor, chunk: int) -> Tensor:
-        kl, lse_a, lse_b = _forward(logits_p, logits_q, chunk)
-        ctx.save_for_backward(logits_p, logits_q, kl, lse_a, lse_b)
-        ctx.chunk = chunk
+    def forward(ctx, logits_p: Tensor, logits_q: Tensor, path: str, chunk: int) -> Tensor:
+        kl, *stats = _PATHS[path][0](logits_p, logits_q, chunk)
+        ctx.save_for_backward(logits_p, logits_q, kl, *stats)
+        ctx.path, ctx.chunk = path, chunk
         return kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        a, b, kl, lse_a, lse_b = ctx.saved_tensors
-        acc = kl.dtype
-        grad, kl = grad.to(acc).unsqueeze(-1), kl.unsqueeze(-1)
-        lse_a, lse_b = lse_a.to(acc).unsqueeze(-1), lse_b.to(acc).unsqueeze(-1)
-        ga = torch.empty_like(a) if ctx.needs_input_grad[0] else None
-        gb = torch.empty_like(b) if ctx.needs_input_grad[1] else None
-        for start in range(0, a.shape[-1], ctx.chunk):
-            part = (..., slice(start, start + ctx.chunk))
-            lp, lq = a[part].to(acc) - lse_a, b[part].to(acc) - lse_b
-            p = lp.exp()
-            if ga is not None:                             # p_v = 0 (a -inf logit): no gradient, not NaN
-                ga[part] = torch.where(lp == -math.inf, 0.0, grad * p * (lp - lq - kl))
-            if gb is not None:
-                gb[part] = grad * (lq.exp() - p)
-        return ga, gb, None
+        a, b, kl, *stats = ctx.saved_tensors
+        return (*_PATHS[ctx.path][1](a, b, kl, stats, grad, ctx.needs_input_grad[:2], ctx.chunk), None, None)

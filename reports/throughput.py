@@ -2,6 +2,7 @@
 the same process, so that time / floor does not depend on the machine. Used by the asv suite, the report's
 throughput section and ``estbench throughput``."""
 import time
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -124,51 +125,78 @@ def peak_bandwidth(device: str = "cuda") -> float | None:
     return next((bw for name, bw in SPEC_BANDWIDTH.items() if name in props.name), None)
 
 
-def liger_kl_forward():
-    """Liger-Kernel's KL forward on log-probabilities, ``f(log_q, log_p)`` (its per-row sums, then their sum), or
-    None where ``liger-kernel`` is not installed: it is a benchmark-only comparison (``pip install liger-kernel``)."""
+def liger_kl():
+    """Liger-Kernel's KL loss on log-probabilities, ``f(log_q, log_p)`` (its per-row sums, then their sum;
+    differentiable in ``log_q`` only), or None where ``liger-kernel`` is not installed: it is a benchmark-only
+    comparison (``pip install liger-kernel``)."""
     try:
-        from liger_kernel.ops.kl_div import kldiv_forward_triton
+        from liger_kernel.transformers.kl_div import LigerKLDIVLoss
     except ImportError:
         return None
-    return lambda log_q, log_p: kldiv_forward_triton(log_q, log_p, log_target=True, reduction="sum", eps=1e-10)
+    return LigerKLDIVLoss(reduction="sum", log_target=True)
+
+
+def compiled_torch_token_kl():
+    """``torch.compile`` of :func:`torch_token_kl` (compiled at its first call, for each pass)."""
+    return torch.compile(torch_token_kl)
+
+
+#: Logit-sized tensors each pass moves at the least: the forward reads both logit tensors; forward + backward
+#: reads them twice and writes both gradients.
+PASSES = {"forward": 2, "forward + backward": 6}
+#: The ratio columns of :func:`vocab_gpu_figures`: each time over that of this method in the same pass.
+BASELINES = {"× Liger kernel": "Liger KL (kernel alone)", "× Liger from logits": "Liger KL (from logits)",
+             "× torch.compile": "torch.compile(log_softmax + kl_div)", "× log_softmax + kl_div": "log_softmax + kl_div"}
 
 
 def vocab_gpu_figures(rows: int = 16384, vocab: int = 131072, dtype: torch.dtype = torch.bfloat16,
                       seed: int = 0, repeat: int = 5, device: str = "cuda") -> pd.DataFrame:
-    """Exact per-token KL from two ``[rows, vocab]`` logit tensors on the GPU: token_kl's Triton kernel and its torch
-    path, against ``log_softmax`` + ``kl_div`` in torch and Liger-Kernel's KL forward (on log-probabilities made
-    beforehand, so Liger is timed on its kernel alone). Per method: ms (best of ``repeat``), GB/s of logits read
-    (2 · rows · vocab · itemsize bytes), the fraction of the card's peak bandwidth, and the time over Liger's and
-    over torch's. (``device="cpu"`` runs the same table on small shapes under Triton's interpreter: for tests.)"""
+    """Exact per-token KL from two ``[rows, vocab]`` logit tensors on the GPU, forward and forward + backward (the
+    gradients of the summed KL): token_kl's Triton kernels and its torch path, against ``log_softmax`` + ``kl_div``
+    in torch, eager and under ``torch.compile``, and Liger-Kernel's KL loss (where installed) on log-probabilities
+    made beforehand (its kernel alone) and from logits (``log_softmax`` of both first). Liger differentiates its
+    input (log q) only; the others give both gradients. Per method and pass: ms (best of ``repeat``), GB/s of the
+    least traffic of the pass (:data:`PASSES` · rows · vocab · itemsize bytes), the fraction of the card's peak
+    bandwidth, and the time over each of :data:`BASELINES`. A comparison that fails (Liger's internals change
+    between its releases; torch.compile needs a compiler) is left out, and ``frame.attrs`` says why.
+    (``device="cpu"`` runs the same table on small shapes under Triton's interpreter: for tests.)"""
     require_device(device)
     a, b = logit_pair(rows, vocab, dtype, device, seed)
-    methods = {"token_kl (triton)": lambda: token_kl(a, b, backend="triton"),
-               "token_kl (torch)": lambda: token_kl(a, b, backend="torch"),
-               "log_softmax + kl_div": lambda: torch_token_kl(a, b)}
-    liger = liger_kl_forward()
-    if liger is not None:
-        log_p, log_q = F.log_softmax(a.float(), -1).to(dtype), F.log_softmax(b.float(), -1).to(dtype)
-        methods["Liger KL forward"] = lambda: liger(log_q, log_p)
-    seconds, notes = {}, {}
-    for name, fn in methods.items():
-        try:
-            fn()                                           # compile and warm up outside the timing
-        except Exception as err:                           # Liger's internals change between its releases
-            if name != "Liger KL forward":
-                raise
-            notes["Liger"] = f"failed, left out: {type(err).__name__}: {err}"
-            continue
-        seconds[name] = best_of(fn, repeat)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    read = 2 * rows * vocab * a.element_size()
+    required = {"token_kl (triton)": (partial(token_kl, backend="triton"), (a, b)),
+                "token_kl (torch)": (partial(token_kl, backend="torch"), (a, b)),
+                "log_softmax + kl_div": (torch_token_kl, (a, b))}
+    optional = {"torch.compile(log_softmax + kl_div)": (compiled_torch_token_kl(), (a, b))}
+    notes = {}
+    liger = liger_kl()
+    if liger is None:
+        notes["Liger"] = "not installed (pip install liger-kernel)"
+    else:
+        log_p, log_q = (F.log_softmax(t.float(), -1).to(dtype) for t in (a, b))
+        optional["Liger KL (kernel alone)"] = (liger, (log_q, log_p))
+        optional["Liger KL (from logits)"] = (lambda x, y: liger(F.log_softmax(y, -1), F.log_softmax(x, -1)), (a, b))
+    records = []
+    for name, (fn, inputs) in {**required, **optional}.items():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        for work, run in (("forward", lambda: fn(*inputs)),
+                          ("forward + backward", lambda: torch.autograd.grad(fn(*leaves).sum(), leaves,
+                                                                             allow_unused=True))):
+            try:
+                run()                                      # compile and warm up outside the timing
+            except Exception as err:
+                if name in required:
+                    raise
+                notes[f"{name}, {work}"] = f"failed, left out: {type(err).__name__}: {err}"
+                continue
+            records.append({"method": name, "pass": work, "ms": 1e3 * best_of(run, repeat)})
+            if device == "cuda":
+                torch.cuda.empty_cache()
     peak = peak_bandwidth(device) if device == "cuda" else None
-    frame = pd.DataFrame({"method": list(seconds), "ms": [1e3 * t for t in seconds.values()]})
-    frame["GB/s"] = read / (frame["ms"] / 1e3) / 1e9
+    frame = pd.DataFrame(records)
+    frame["GB/s"] = frame["pass"].map(PASSES) * rows * vocab * a.element_size() / (frame["ms"] / 1e3) / 1e9
     frame["of peak bandwidth"] = frame["GB/s"] * 1e9 / peak if peak else np.nan
-    frame["× Liger"] = frame["ms"] / (1e3 * seconds["Liger KL forward"]) if "Liger KL forward" in seconds else np.nan
-    frame["× log_softmax + kl_div"] = frame["ms"] / (1e3 * seconds["log_softmax + kl_div"])
-    frame.attrs.update(card=torch.cuda.get_device_name(device) if device == "cuda" else device, shape=f"[{rows}, {vocab}] {dtype}",
-                       peak_GBps=peak / 1e9 if peak else None, **notes)
+    ms = frame.set_index(["pass", "method"])["ms"]
+    for column, baseline in BASELINES.items():
+        frame[column] = frame["ms"] / [ms.get((work, baseline), np.nan) for work in frame["pass"]]
+    frame.attrs.update(card=torch.cuda.get_device_name(device) if device == "cuda" else device,
+                       shape=f"[{rows}, {vocab}] {dtype}", peak_GBps=peak / 1e9 if peak else None, **notes)
     return frame

@@ -306,3 +306,142 @@ def test_gradient_matches_autograd_of_the_reference(dtype):
         assert torch.autograd.gradcheck(lambda x, y: token_kl(x, y, chunk_size=7),
                                         (logits_p[1:, :, :20].clone().requires_grad_(),
                                          logits_q[1:, :, :20].clone().requires_grad_()))
+
+
+# --- issue 13: finfo.min masks, huge logits and zero rows (each NaN or a crash before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["both", "p", "first-chunk"])
+def test_finfo_min_masks_give_the_kl_of_the_unmasked_tokens(dtype, where):
+    """Hugging Face masks logits with finfo(dtype).min: a token of probability e^-3.4e38 = 0, as with -inf."""
+    g = torch.Generator().manual_seed(31)
+    a = 2 * torch.randn(3, 1000, generator=g)
+    b = a + 0.5 * torch.randn(3, 1000, generator=g)
+    masked = slice(0, 300) if where == "first-chunk" else slice(400, 700)
+    a, b = a.to(dtype), b.to(dtype)
+    a[:, masked] = torch.finfo(dtype).min
+    if where != "p":
+        b[:, masked] = torch.finfo(dtype).min
+    expected = masked_reference_kl(a, b)
+    assert torch.isfinite(expected).all() and (expected > 0.01).all()
+    got = token_kl(a, b, chunk_size=256)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [5e9, 1e10, 1e30])
+def test_huge_logits_are_shifted_before_they_are_scaled(offset):
+    """At 5e9 and beyond every float32 logit of a row rounds to a few values: the KL of those values, not NaN."""
+    g = torch.Generator().manual_seed(32)
+    a = offset + offset * 1e-6 * torch.randn(2, 700, generator=g)
+    b = a + offset * 1e-7 * torch.randn(2, 700, generator=g)
+    a, b = a.float(), b.float()
+    got = token_kl(a, b, chunk_size=256)
+    torch.testing.assert_close(got.double(), reference_kl(a, b), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(token_kl(a + offset, b + offset), torch.zeros(2))   # one value per row: KL 0
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5)])
+def test_zero_rows_give_an_empty_result(shape):
+    import estimators.vocab as vocab
+    got = token_kl(torch.zeros(shape), torch.zeros(shape))
+    assert got.shape == shape[:-1] and got.dtype == torch.float32
+    for path in ("chunks", "rows"):                                # and an empty gradient
+        a = torch.zeros(shape, requires_grad=True)
+        vocab._compute(path, a, torch.zeros(shape), 5, grad=True).sum().backward()
+        assert a.grad.shape == shape
+
+
+# --- the torch path on a GPU ("rows": blocks of whole rows through log_softmax), run here on the CPU
+
+
+def test_the_torch_path_is_rows_on_a_gpu_and_chunks_on_the_cpu():
+    import estimators.vocab as vocab
+    assert vocab._torch_path(torch.zeros(1)) == "chunks"
+    assert vocab._torch_path(torch.zeros(1, device="meta")) == "rows"
+    assert vocab._path(torch.zeros(2, 3), torch.zeros(2, 3), "torch") == "chunks"
+
+
+def _masked_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten rows of 100 logits, each masked in its own way (see the comments)."""
+    g = torch.Generator().manual_seed(41)
+    logits_p = 3 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    logits_q = 3 * torch.randn(10, 100, generator=g, dtype=torch.float64)
+    logits_p[1, :5] = -math.inf                  # p_v = 0
+    logits_q[2, 90:] = -math.inf                 # q_v = 0 < p_v: +inf
+    logits_p[3, :99] = -math.inf                 # p is a point mass on the last token
+    logits_p[4, 40:] = logits_q[4, 40:] = -math.inf
+    logits_p[5, 10] = -200.0                     # p_v = e^-200 underflows in float32, and q_v = 0: still +inf
+    logits_q[5, 10] = -math.inf
+    logits_p[6, 20:60] = logits_q[6, 20:60] = -1e30
+    logits_p, logits_q = logits_p.to(dtype), logits_q.to(dtype)
+    if dtype != torch.float64:
+        logits_p[7, 50:] = logits_q[7, 50:] = torch.finfo(dtype).min
+        logits_p[8, :30] = torch.finfo(dtype).min
+    return logits_p, logits_q
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_rows_path_matches_float64_with_every_mask(monkeypatch, dtype):
+    import estimators.vocab as vocab
+    monkeypatch.setattr(vocab, "_ROW_TILE", 300)                   # blocks of 3 rows: finite and masked blocks
+    logits_p, logits_q = _masked_rows(dtype)
+    got = vocab._compute("rows", logits_p.view(2, 5, 100), logits_q.view(2, 5, 100), 100, grad=False).view(10)
+    expected = masked_reference_kl(logits_p, logits_q)
+    inf = torch.tensor([row in (2, 5) for row in range(10)])
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert (got[inf] == math.inf).all() and torch.isfinite(got[~inf]).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got[~inf].double(), expected[~inf], rtol=tol, atol=tol)
+    torch.testing.assert_close(got, token_kl(logits_p, logits_q, backend="torch"), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("row", "value", "match"), [(0, math.nan, "logits_p contains NaN"),
+                                                     (0, math.inf, r"logits_p contains \+inf"),
+                                                     (None, -math.inf, "logits_p has a row whose logits are all -inf")])
+def test_rows_path_raises_the_same_errors(row, value, match):
+    import estimators.vocab as vocab
+    logits_p, logits_q = torch.zeros(3, 8), torch.zeros(3, 8)
+    logits_p[1, row] = value
+    logits_q[1, 5] = -math.inf                   # a support mismatch in the same row must not hide the error
+    with pytest.raises(ValueError, match=match):
+        vocab._compute("rows", logits_p, logits_q, 8, grad=False)
+    assert vocab._compute("rows", torch.zeros(0, 8), torch.zeros(0, 8), 8, grad=False).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_rows_path_gradient_matches_the_chunk_path(monkeypatch, dtype):
+    import estimators.vocab as vocab
+    monkeypatch.setattr(vocab, "_ROW_TILE", 300)
+    logits_p, logits_q = _masked_rows(dtype)
+    finite = [0, 1, 3, 4, 6, 7, 8, 9]                              # +inf rows have no gradient
+    weights = torch.randn(len(finite), generator=torch.Generator().manual_seed(42), dtype=vocab._acc(dtype))
+    grads = []
+    for path in ("rows", "chunks"):
+        a = logits_p[finite].clone().requires_grad_()
+        b = logits_q[finite].clone().requires_grad_()
+        (vocab._compute(path, a, b, 32, grad=True) * weights).sum().backward()
+        grads.append((a.grad, b.grad))
+        assert a.grad.dtype == dtype and (a.grad[1, :5] == 0).all() and (a.grad[2, :99] == 0).all()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x, y: vocab._compute("rows", x, y, 7, grad=True),
+                                        (logits_p[:1, :20].clone().requires_grad_(),
+                                         logits_q[:1, :20].clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("path", ["chunks", "rows"])
+def test_gradient_at_large_logits_keeps_the_references_apart(path):
+    """log p = (a - r) - log s with the reference r a logit: at float32 logits of 1e5, a - lse(a) rounded lse to
+    the logits' ulp (0.008), a 2e-3 relative error in the gradient."""
+    import estimators.vocab as vocab
+    g = torch.Generator().manual_seed(43)
+    a = (1e5 + 3 * torch.randn(3, 3000, generator=g, dtype=torch.float64)).float()
+    b = (a.double() + 0.5 * torch.randn(3, 3000, generator=g, dtype=torch.float64)).float()
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    reference_kl(a64, b64).sum().backward()
+    a, b = a.requires_grad_(), b.requires_grad_()
+    vocab._compute(path, a, b, 1024, grad=True).sum().backward()
+    for got, expected in ((a.grad, a64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
