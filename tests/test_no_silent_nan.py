@@ -1,0 +1,173 @@
+"""Issue 13's findings as explicit regression cases: each input below gave NaN, a wrong number or an unhelpful
+exception on main before the fix. The property-based sweep over the same functions is tests/test_properties.py."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import mpmath as mp
+import numpy as np
+import pytest
+import torch
+
+from estimators import kl, marginal, sequence
+from estimators.diagnostics import pareto_khat
+
+mp.mp.dps = 60
+
+
+def _pair(log_r, dtype):
+    log_q = torch.as_tensor(log_r, dtype=dtype)
+    return torch.zeros_like(log_q), log_q
+
+
+# --- 2. reverse_kl and k1_control_variate beyond exp's range ------------------------------------------------
+
+@pytest.mark.parametrize(("dtype", "log_r", "finite"), [
+    (torch.float32, 84.0, True), (torch.float32, 88.0, False), (torch.float32, 89.0, False),
+    (torch.float32, 100.0, False), (torch.float64, 700.0, True), (torch.float64, 709.0, False),
+    (torch.float64, 710.0, False), (torch.float64, 1e300, False)])
+def test_reverse_kl_is_exact_or_inf_where_r_log_r_overflows(dtype, log_r, finite):
+    """r log r - (r - 1) was inf - inf = NaN once exp(log r) overflowed: now the value, or +inf where the
+    value itself is beyond the dtype's range."""
+    got = float(kl.reverse_kl(*_pair([log_r], dtype))[0])
+    x = mp.mpf(log_r)
+    exact = mp.exp(x) * (x - 1) + 1
+    if finite:
+        assert got == pytest.approx(float(exact), rel=4 * torch.finfo(dtype).eps)
+    else:
+        assert exact > torch.finfo(dtype).max and got == math.inf
+
+
+def test_reverse_kl_at_r_zero_is_one():
+    """log r = -inf (a log-ratio of finite log-probs that overflows) gives r log r - (r - 1) = 1, not 0·inf."""
+    big = torch.finfo(torch.float32).max
+    assert float(kl.reverse_kl(torch.tensor([big]), torch.tensor([-big]))[0]) == 1.0
+
+
+def _loo_mp(row):
+    """The leave-one-out control-variate estimates in 60-digit arithmetic, by definition."""
+    out = []
+    for i, xi in enumerate(row):
+        x = [mp.mpf(v) for j, v in enumerate(row) if j != i]
+        y = [mp.expm1(v) for v in x]
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        var = sum((b - my) ** 2 for b in y)
+        lam = sum((a - mx) * (b - my) for a, b in zip(x, y)) / var if var > 0 else 1
+        out.append(lam * mp.expm1(mp.mpf(xi)) - mp.mpf(xi))
+    return out
+
+
+@pytest.mark.parametrize("row", [
+    [710.0, 0.1, -0.3, 0.5, 1.2],               # one ratio beyond exp's range: the other four were NaN
+    [800.0, 400.0, -0.3, 0.5, 1.2],
+    [1e300, 0.1, 0.2, 0.3],
+    [-1e200, 0.1, 0.2, 0.3],
+    [800.0, 800.0, 800.0, 0.5],
+], ids=["710", "800-400", "1e300", "-1e200", "three-equal-800"])
+def test_k1_control_variate_float64_with_a_huge_ratio_matches_60_digits(row):
+    x = torch.tensor([row], dtype=torch.float64)
+    got = kl.k1_control_variate(torch.zeros_like(x), x)[0].tolist()
+    for g, e in zip(got, _loo_mp(row)):
+        if abs(e) > torch.finfo(torch.float64).max:
+            assert g == (math.inf if e > 0 else -math.inf)
+        else:
+            assert g == pytest.approx(float(e), rel=1e-12, abs=1e-300)
+
+
+def test_k1_control_variate_rejects_a_log_ratio_beyond_float64():
+    big = torch.tensor([torch.finfo(torch.float64).max, 0.0, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="log_p and log_q"):
+        kl.k1_control_variate(-big, big)
+
+
+# --- 3. sequence_k3 in low precision and near the float32 limit ---------------------------------------------
+
+def test_sequence_k3_near_float32_limit_is_inf_not_nan():
+    """log R = 6e38 overflowed float32 to inf, and expm1(inf) - inf was NaN; the true value is beyond range."""
+    log_p = torch.full((1, 2), -3e38)
+    assert float(sequence.sequence_k3(log_p, torch.zeros(1, 2))[0]) == math.inf
+    assert float(sequence.sequence_k1(log_p, torch.zeros(1, 2))[0]) == -math.inf  # -6e38: beyond float32
+
+
+def test_sequence_k1_sum_is_exact_where_partial_sums_overflow_float32():
+    """[3e38, 3e38, -3e38] sums to 3e38, within range, though a float32 running sum overflows."""
+    log_q = torch.tensor([[3e38, 3e38, -3e38]])
+    assert float(sequence.sequence_k1(torch.zeros(1, 3), log_q)[0]) == pytest.approx(-3e38, rel=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("log_r", [0.37, 6.0, 12.0, 40.0])
+def test_sequence_k3_half_precision_is_float32_accurate(dtype, log_r):
+    """Half inputs are summed and exponentiated in float64 and returned in float32: float16 no longer overflows
+    at log R ≈ 11, and bfloat16 no longer loses all digits (99.5% error before)."""
+    log_q = torch.tensor([[log_r / 2, log_r / 2]], dtype=dtype)
+    got = sequence.sequence_k3(torch.zeros_like(log_q), log_q)
+    lr = float(log_q.double().sum())
+    assert got.dtype == torch.float32
+    assert float(got[0]) == pytest.approx(math.expm1(lr) - lr, rel=2e-7)
+
+
+# --- 5. crashes and silent broadcasts -------------------------------------------------------------------------
+
+def test_rao_blackwell_kl_with_an_all_zero_mask_is_zero():
+    """A fully padded batch: every other sequence estimator returns 0; this one raised 'not enough values'."""
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    got = sequence.rao_blackwell_kl(logits, logits.flip(-1), torch.zeros(2, 3, dtype=torch.bool))
+    assert got.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_jackknife_on_an_empty_batch_is_empty(order):
+    out = marginal.jackknife_log_mean_exp(torch.zeros(0, 5), order=order)
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+def test_marginal_ratio_rejects_a_log_marginal_that_enlarges_the_batch():
+    """log_marginal [4, 1] against log_w [4, K] silently broadcast to a [4, 4] result."""
+    with pytest.raises(ValueError, match="log_marginal"):
+        marginal.marginal_ratio(torch.zeros(4, 8), torch.zeros(4, 1))
+    assert marginal.marginal_ratio(torch.zeros(4, 8), torch.zeros(4)).shape == (4,)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    (dict(mu=1.0, mu2=math.inf, K=3), "mu2"), (dict(mu=1.0, mu2=math.nan, K=3), "mu2"),
+    (dict(mu=math.inf, mu2=1.0, K=3), "mu"), (dict(mu=math.nan, mu2=1.0, K=3), "mu"),
+    (dict(mu=1.0, mu2=1.0, K=3, mu3=math.inf), "mu3"), (dict(mu=1.0, mu2=1.0, K=3, mu3=math.nan), "mu3"),
+    (dict(mu=1.0, mu2=1.0, K=True), "K"), (dict(mu="1", mu2=1.0, K=3), "mu"),
+], ids=["mu2-inf", "mu2-nan", "mu-inf", "mu-nan", "mu3-inf", "mu3-nan", "K-bool", "mu-str"])
+def test_delta_method_bias_rejects_non_finite_moments_naming_them(kwargs, name):
+    """These returned -0.0, -inf or NaN."""
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        marginal.delta_method_bias(**kwargs)
+
+
+def test_delta_method_bias_is_exact_for_tiny_mu_and_accepts_numpy_and_tensor_k():
+    """mu = 1e-200 divided by zero (mu**2 underflowed); np.int64 and 0-d tensor K were rejected."""
+    assert marginal.delta_method_bias(1e-200, 1.0, 3) == -math.inf  # -1/(6e-400): beyond the float range
+    assert marginal.delta_method_bias(1e-200, 1e-320, 3) == float(-Fraction(1e-320) / (6 * Fraction(1e-200) ** 2))
+    expected = marginal.delta_method_bias(2.0, 3.0, 7, 1.5)
+    for k in (np.int64(7), torch.tensor(7)):
+        assert marginal.delta_method_bias(2.0, 3.0, k, 1.5) == expected
+
+
+def test_lognormal_moments_beyond_float_range_are_inf():
+    """lognormal_moments(30) raised OverflowError; e^{900} is beyond float64, so the moments are +inf."""
+    assert marginal.lognormal_moments(30) == (1.0, math.inf, math.inf)
+    assert marginal.lognormal_bias(30, 10, order=1) == -math.inf
+    assert marginal.lognormal_bias(30, 10, order=2) == math.inf
+
+
+def test_effective_sample_size_gradient_on_an_all_minus_inf_row_is_zero():
+    log_w = torch.tensor([[-math.inf] * 4, [0.0, 1.0, -math.inf, 2.0]], requires_grad=True)
+    ess = marginal.effective_sample_size(log_w)
+    ess.sum().backward()
+    assert ess[0] == 0 and bool(torch.isfinite(log_w.grad).all()) and log_w.grad[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("n", [20, 30, 49])
+def test_pareto_khat_below_50_samples_fits_a_tail(n):
+    """M = min(n/5, 3√n) < 10 for every n < 50, so any accepted sample below 50 gave -inf."""
+    torch.manual_seed(n)
+    x = torch.distributions.Pareto(1.0, 2.0).sample((n,))
+    assert math.isfinite(pareto_khat(x))
