@@ -34,7 +34,11 @@ Where q is zero at a token p samples, the sequence KL is infinite: ``log_q = -in
 Shapes: log-probs and Bernoulli logits ``[..., T]``, categorical logits ``[..., T, V]`` (position t holds the
 distribution that x_t was drawn from); results ``[...]``, summed over T. ``mask`` (shape ``[..., T]``, bool or 0/1)
 marks real tokens with 1: padded positions (0) are ignored and may hold anything, NaN and inf included; inputs
-are checked only where the mask is 1.
+are checked only where the mask is 1. An all-zero mask (a fully padded batch) gives 0.
+
+Precision: the log-prob estimators form and sum the log-ratios in float64 and return float64 for float64
+inputs, float32 otherwise (float16 and bfloat16 included), so a sum whose partial sums overflow float32 is still
+exact, and an estimate is ``±inf`` only where its value is beyond the returned dtype's range.
 """
 from __future__ import annotations
 
