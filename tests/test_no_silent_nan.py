@@ -12,6 +12,7 @@ import torch
 
 from estimators import kl, marginal, sequence
 from estimators.diagnostics import pareto_khat
+import reference_models as rm
 
 mp.mp.dps = 60
 
@@ -171,3 +172,74 @@ def test_pareto_khat_below_50_samples_fits_a_tail(n):
     torch.manual_seed(n)
     x = torch.distributions.Pareto(1.0, 2.0).sample((n,))
     assert math.isfinite(pareto_khat(x))
+
+
+# --- 6. reference-model constructors and log_prob -----------------------------------------------------------
+
+def test_mixture_weights_whose_sum_overflows_are_normalized():
+    """[1e308, 1e308] summed to inf and became [0, 0]; the weights are divided by the largest first."""
+    m = rm.GaussianMixture([1e308, 1e308], [0.0, 1.0], scales=[1.0, 1.0])
+    assert m.weights.tolist() == [0.5, 0.5]
+    assert rm.GaussianMixture([2.0, 6.0], [0.0, 1.0], scales=[1.0, 1.0]).weights.tolist() == [0.25, 0.75]
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1e160])
+def test_gaussian_scale_whose_square_is_not_representable_is_rejected(scale):
+    """scale 1e-200 was accepted, and exact_kl then died in a Cholesky traceback (its variance is 0)."""
+    with pytest.raises(ValueError, match="^scale must be positive"):
+        rm.Gaussian(0.0, scale)
+    with pytest.raises(ValueError, match="^scales must be positive"):
+        rm.GaussianMixture([1.0, 1.0], [0.0, 1.0], scales=[1.0, scale])
+
+
+def test_gaussian_scale_just_inside_the_range_has_an_exact_kl():
+    p, q = rm.Gaussian(0.0, 1e-150), rm.Gaussian(0.0, 2e-150)
+    assert rm.exact_kl(p, q).value == pytest.approx(math.log(2) + 1 / 8 - 0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize(("make", "name"), [
+    (lambda: rm.Gaussian("a", 1.0), "loc"),
+    (lambda: rm.Gaussian([1.0, 2.0], scale=[1.0, "b"]), "scale"),
+    (lambda: rm.Gaussian(0.0, 1.0, dtype=torch.int64), "dtype"),
+    (lambda: rm.Uniform(0.0, 1.0, dtype=torch.bool), "dtype"),
+    (lambda: rm.Categorical([0.0, 1.0], dtype=torch.int32), "dtype"),
+    (lambda: rm.GaussianMixture([1.0, 1.0], [0.0, 1.0], scales=[1.0, 1.0], dtype=torch.complex64), "dtype"),
+    (lambda: rm.Gaussian(torch.tensor(1 + 2j), 1.0), "loc"),
+], ids=["loc-str", "scale-str", "gaussian-int64", "uniform-bool", "categorical-int32", "mixture-complex", "loc-complex"])
+def test_constructors_reject_non_real_parameters_and_non_float_dtypes(make, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        make()
+
+
+@pytest.mark.parametrize("model", [
+    rm.Gaussian(0.0, 1.0), rm.Gaussian([0.0, 0.0], covariance=[[1.0, 0.5], [0.5, 1.0]]),
+    rm.GaussianMixture([1.0, 2.0], [0.0, 1.0], scales=[1.0, 0.5]), rm.Uniform(0.0, 1.0)],
+    ids=["gaussian", "gaussian-2d", "mixture", "uniform"])
+def test_log_prob_of_nan_names_x_and_of_inf_is_minus_inf(model):
+    """NaN x gave NaN (Gaussian, mixture) or -inf (Uniform); ±inf x gave NaN for a full-covariance Gaussian."""
+    x = model.sample(3, torch.Generator().manual_seed(0))
+    bad, far = x.clone(), x.clone()
+    bad.view(-1)[-1] = math.nan
+    with pytest.raises(ValueError, match="^x contains 1 NaN"):
+        model.log_prob(bad)
+    far.view(3, -1)[1, 0] = math.inf
+    got = model.log_prob(far)
+    assert got[1] == -math.inf and bool(torch.isfinite(got[[0, 2]]).all())
+    torch.testing.assert_close(got[[0, 2]], model.log_prob(x)[[0, 2]])
+
+
+def test_log_prob_of_no_samples_is_empty():
+    """A 2-D Gaussian's log_prob(zeros(0, 2)) ended in a RuntimeError traceback."""
+    for model in (rm.Gaussian([0.0, 0.0], covariance=torch.eye(2)), rm.Gaussian([0.0, 0.0], scale=[1.0, 1.0])):
+        out = model.log_prob(torch.zeros(0, 2, dtype=torch.float64))
+        assert out.shape == (0,) and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    (dict(vocab_size=-1), "vocab_size"), (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=2.5), "vocab_size"),
+    (dict(vocab_size=5, exponent=math.nan), "exponent"), (dict(vocab_size=5, noise=-1.0), "noise"),
+    (dict(vocab_size=5, generator=0), "generator")])
+def test_zipf_logits_rejects_bad_arguments_by_name(kwargs, name):
+    """zipf_logits(-1) ended in a RuntimeError traceback."""
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        rm.zipf_logits(**kwargs)
