@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.distributions import (Categorical, Distribution, Independent, LowRankMultivariateNormal,
                                  MixtureSameFamily, MultivariateNormal, Normal)
 
-from ._validate import positive_int, real_tensor
+from ._validate import positive_int, real_number, real_tensor
 from .distributions import _randn
 
 __all__ = ["LatentModel", "LinearGaussian", "DiscreteLatent", "GaussianClassConditional"]
@@ -155,7 +155,7 @@ class LinearGaussian(LatentModel):
         """Exact p(z | x), batched over x. Only this model takes ``scale``: it multiplies the posterior's
         standard deviation (its covariance by scale²), e.g. 1.2 for an importance proposal widened by 20%."""
         self._check_x(x)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        if not real_number("scale", scale) > 0:
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         return MultivariateNormal((x - self.b) @ self._gain, scale_tril=scale * self._posterior_tril,
                                   validate_args=False)
