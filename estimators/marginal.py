@@ -41,12 +41,17 @@ def _check_log_w(log_w: Tensor, min_k: int = 1) -> int:
     return k
 
 
+def _work(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (float16 and bfloat16 are upcast)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def log_mean_exp(log_w: Tensor) -> Tensor:
     r""":math:`\log \frac1K \sum_k e^{\log w_k}` over the last dimension, max-shifted (``torch.logsumexp``).
 
-    A row of only -inf gives -inf (:math:`\hat A = 0`). Same dtype as ``log_w``."""
+    A row of only -inf gives -inf (:math:`\hat A = 0`). Computed in at least float32, returned in ``log_w``'s dtype."""
     k = _check_log_w(log_w)
-    return torch.logsumexp(log_w, dim=-1) - math.log(k)
+    return (torch.logsumexp(_work(log_w), dim=-1) - math.log(k)).to(log_w.dtype)
 
 
 def iwae(log_w: Tensor) -> Tensor:
@@ -56,9 +61,10 @@ def iwae(log_w: Tensor) -> Tensor:
 
 def elbo(log_w: Tensor) -> Tensor:
     r"""The K-sample average of the 1-sample bound, :math:`\frac1K\sum_k \log w_k`; its expectation is
-    :math:`\log p(x) - KL(q(z|x) \,\|\, p(z|x))`, whatever K."""
+    :math:`\log p(x) - KL(q(z|x) \,\|\, p(z|x))`, whatever K. Accumulated in float64 (a float32 sum of
+    log-weights near -3e38 would overflow), returned in ``log_w``'s dtype."""
     _check_log_w(log_w)
-    return log_w.mean(dim=-1)
+    return log_w.mean(dim=-1, dtype=torch.float64).to(log_w.dtype)
 
 
 def log_weights(log_joint: Tensor, log_proposal: Tensor) -> Tensor:
@@ -95,12 +101,16 @@ def marginal_ratio(log_w: Tensor, log_marginal: float | Tensor) -> Tensor:
 
 def effective_sample_size(log_w: Tensor) -> Tensor:
     r"""Kish's :math:`(\sum w)^2 / \sum w^2 = \exp(2\,\mathrm{lse}(\log w) - \mathrm{lse}(2\log w))`, in [1, K];
-    0 for a row of only -inf (computed on a row of zeros there, so its gradient is 0, not NaN)."""
+    0 for a row of only -inf. Shift-invariant, so computed on :math:`\log w - \max \log w` (no ``2 log w``
+    overflows; a row of only -inf is computed as zeros, so its gradient is 0, not NaN), in at least float32,
+    returned in ``log_w``'s dtype."""
     _check_log_w(log_w)
-    dead = (log_w == -math.inf).all(-1, keepdim=True)
-    safe = log_w.masked_fill(dead, 0.0)
-    ess = torch.exp(2 * torch.logsumexp(safe, dim=-1) - torch.logsumexp(2 * safe, dim=-1))
-    return ess.masked_fill(dead.squeeze(-1), 0.0)
+    lw = _work(log_w)
+    top = lw.amax(-1, keepdim=True)
+    dead = top == -math.inf
+    shifted = (lw - top.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+    ess = torch.exp(2 * torch.logsumexp(shifted, dim=-1) - torch.logsumexp(2 * shifted, dim=-1))
+    return ess.masked_fill(dead.squeeze(-1), 0.0).to(log_w.dtype)
 
 
 def weight_khat(log_w: Tensor) -> float:

@@ -166,6 +166,16 @@ def test_effective_sample_size_gradient_on_an_all_minus_inf_row_is_zero():
     assert ess[0] == 0 and bool(torch.isfinite(log_w.grad).all()) and log_w.grad[0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_effective_sample_size_and_elbo_where_2_log_w_or_the_sum_overflows(dtype):
+    """ESS formed 2·lse(log w), which overflows for log w above half the dtype's max (NaN = inf - inf); ELBO's
+    float32 sum of log-weights near the max overflowed though their mean is in range."""
+    big = torch.finfo(dtype).max
+    log_w = torch.tensor([[big * 0.9, big * 0.9], [big * 0.9, 0.0]], dtype=dtype)
+    assert marginal.effective_sample_size(log_w).tolist() == [2.0, 1.0]
+    assert float(marginal.elbo(log_w[:1])[0]) == float(log_w[0, 0])
+
+
 @pytest.mark.parametrize("n", [20, 30, 49])
 def test_pareto_khat_below_50_samples_fits_a_tail(n):
     """M = min(n/5, 3√n) < 10 for every n < 50, so any accepted sample below 50 gave -inf."""
