@@ -50,8 +50,13 @@ def log_mean_exp(log_w: Tensor) -> Tensor:
     r""":math:`\log \frac1K \sum_k e^{\log w_k}` over the last dimension, max-shifted (``torch.logsumexp``).
 
     A row of only -inf gives -inf (:math:`\hat A = 0`). Computed in at least float32, returned in ``log_w``'s dtype."""
+    return _log_mean_exp(log_w).to(log_w.dtype)
+
+
+def _log_mean_exp(log_w: Tensor) -> Tensor:
+    """:func:`log_mean_exp` in its working dtype (at least float32), before rounding to ``log_w``'s."""
     k = _check_log_w(log_w)
-    return (torch.logsumexp(_work(log_w), dim=-1) - math.log(k)).to(log_w.dtype)
+    return torch.logsumexp(_work(log_w), dim=-1) - math.log(k)
 
 
 def iwae(log_w: Tensor) -> Tensor:
@@ -61,10 +66,13 @@ def iwae(log_w: Tensor) -> Tensor:
 
 def elbo(log_w: Tensor) -> Tensor:
     r"""The K-sample average of the 1-sample bound, :math:`\frac1K\sum_k \log w_k`; its expectation is
-    :math:`\log p(x) - KL(q(z|x) \,\|\, p(z|x))`, whatever K. Accumulated in float64 (a float32 sum of
-    log-weights near -3e38 would overflow), returned in ``log_w``'s dtype."""
+    :math:`\log p(x) - KL(q(z|x) \,\|\, p(z|x))`, whatever K; -inf for a row with any -inf. Computed in
+    float64 as :math:`s \cdot \operatorname{mean}(\log w / s)` with s the row's largest finite |log w| (at least
+    1), so no sum overflows, even of float64 log-weights near its max; returned in ``log_w``'s dtype."""
     _check_log_w(log_w)
-    return log_w.mean(dim=-1, dtype=torch.float64).to(log_w.dtype)
+    lw = log_w.double()
+    scale = lw.abs().masked_fill(lw == -math.inf, 0.0).amax(-1, keepdim=True).clamp_min(1.0)
+    return ((lw / scale).mean(-1) * scale.squeeze(-1)).to(log_w.dtype)
 
 
 def log_weights(log_joint: Tensor, log_proposal: Tensor) -> Tensor:
@@ -88,15 +96,15 @@ def marginal_ratio(log_w: Tensor, log_marginal: float | Tensor) -> Tensor:
 
     Formed in log space, so it is accurate however small p(x) is; ``log_marginal`` broadcasts against
     ``log_w.shape[:-1]`` (the result has that shape: a ``log_marginal`` that would enlarge it is an error).
-    ``+inf`` where the ratio exceeds the dtype's range."""
-    lme = log_mean_exp(log_w)
-    lm = torch.as_tensor(log_marginal, dtype=lme.dtype, device=lme.device)
+    Formed in float64 and returned in ``log_w``'s dtype: ``+inf`` where the ratio exceeds its range."""
+    lme = _log_mean_exp(log_w).double()
+    lm = torch.as_tensor(log_marginal, dtype=torch.float64, device=lme.device)
     if not bool(torch.isfinite(lm).all()):
         raise ValueError(f"log_marginal must be finite, got {log_marginal}")
     if lm.dim() > lme.dim() or any(m not in (1, n) for m, n in zip(lm.shape[::-1], lme.shape[::-1])):
         raise ValueError(f"log_marginal of shape {tuple(lm.shape)} must broadcast to log_w.shape[:-1] = "
                          f"{tuple(lme.shape)} without enlarging it")
-    return torch.exp(lme - lm)
+    return torch.exp(lme - lm).to(log_w.dtype)
 
 
 def effective_sample_size(log_w: Tensor) -> Tensor:
@@ -202,13 +210,15 @@ class _Normalized:
     what keeps :math:`\log(1 - \pi_i)` and :math:`\log(1 - \pi_i - \pi_j)` exact (:math:`\pi = e / S`,
     :math:`S = \sum e \in [1, K]`): only the largest weight (mask ``first``) can hold over half the mass,
     and the sums without it (:math:`S_1`) and without the two largest (:math:`S_{12}`) are summed
-    directly, never formed by subtraction. A weight below ~1e-308 × the largest counts as zero."""
+    directly, never formed by subtraction. A weight below 2.2e-308 (float64's smallest normal) × the
+    largest counts as zero."""
 
     def __init__(self, log_w: Tensor):
         lw = log_w.double()
         top = lw.amax(dim=-1, keepdim=True)
         self.top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         e = torch.exp(lw - self.top)
+        e = e.masked_fill(e < torch.finfo(torch.float64).tiny, 0.0)  # subnormals have too few digits to count
         self.k = e.shape[-1]
         self.positive = (e > 0).sum(-1)
         self.first = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, e.argmax(-1, keepdim=True), True)

@@ -216,6 +216,9 @@ class Uniform(ReferenceModel):
         self.high = real_tensor("high", high, dtype, device)
         if self.low.dim() != 0 or self.high.dim() != 0 or not bool(self.low < self.high):
             raise ValueError(f"need scalar low < high, got low={low!r}, high={high!r}")
+        if not bool(torch.isfinite(self.high - self.low)):
+            raise ValueError(f"high - low must be finite in {dtype} (its log is the density), got low={low!r}, "
+                             f"high={high!r}")
         self.dist = _Uniform(self.low, self.high, validate_args=False)
 
     def _sample(self, n, generator):
@@ -283,6 +286,8 @@ def zipf_logits(vocab_size: int, exponent: float = 1.1, noise: float = 0.0,
     logits = -exponent * torch.log(ranks)
     if noise:
         logits = logits + noise * torch.randn(vocab_size, generator=generator, dtype=torch.float64)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"exponent {exponent:g} and noise {noise:g} give logits beyond float64's range")
     return logits
 
 

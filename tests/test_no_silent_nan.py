@@ -176,6 +176,41 @@ def test_effective_sample_size_and_elbo_where_2_log_w_or_the_sum_overflows(dtype
     assert float(marginal.elbo(log_w[:1])[0]) == float(log_w[0, 0])
 
 
+def test_elbo_of_float64_log_weights_near_the_max():
+    """Found by tests/test_properties.py: the float64 sum overflowed (mean [0, max, max] = inf, not 1.2e308), and
+    with a -inf beside it gave inf - inf = NaN."""
+    big = torch.finfo(torch.float64).max
+    log_w = torch.tensor([[0.0, big, big], [big, big, -math.inf]], dtype=torch.float64)
+    assert marginal.elbo(log_w).tolist() == [pytest.approx(big / 3 * 2, rel=1e-15), -math.inf]
+
+
+def test_marginal_ratio_takes_log_marginal_in_float64():
+    """Found by tests/test_properties.py: a float16 log_w rounded log_marginal = 1e30 to inf and rejected it."""
+    assert marginal.marginal_ratio(torch.zeros(2, 3, dtype=torch.float16), 1e30).tolist() == [0.0, 0.0]
+
+
+def test_jackknife_counts_subnormal_weights_as_zero():
+    """Found by tests/test_properties.py: a weight e^-744 (a float64 subnormal, 1 significant bit) counted as
+    non-zero, and the K²-sized coefficients multiplied its rounding error; it is now zero, as documented."""
+    log_w = torch.tensor([[0.0, -744.0, -math.inf]], dtype=torch.float64)
+    assert float(marginal.jackknife_log_mean_exp(log_w)[0]) == float(marginal.log_mean_exp(log_w)[0])
+
+
+def test_bernoulli_estimators_are_float64_accurate_beyond_softplus_threshold():
+    """Found by tests/test_properties.py: F.softplus returns x itself above 20, 2e-9 off in float64."""
+    a = torch.tensor([[-21.0]], dtype=torch.float64)
+    exact = -float(mp.log1p(mp.exp(21)))
+    assert float(sequence.bernoulli_token_log_probs(a, torch.ones(1, 1))[0, 0]) == pytest.approx(exact, rel=1e-15)
+    a, b = mp.mpf(25), mp.mpf(23)
+
+    def log_sig(x):
+        return -mp.log1p(mp.exp(-x))
+    exact = mp.exp(log_sig(a)) * (log_sig(a) - log_sig(b)) + mp.exp(log_sig(-a)) * (log_sig(-a) - log_sig(-b))
+    got = sequence.bernoulli_rao_blackwell_kl(torch.tensor([[25.0]], dtype=torch.float64),
+                                             torch.tensor([[23.0]], dtype=torch.float64))
+    assert float(got[0]) == pytest.approx(float(exact), rel=1e-13)
+
+
 @pytest.mark.parametrize("n", [20, 30, 49])
 def test_pareto_khat_below_50_samples_fits_a_tail(n):
     """M = min(n/5, 3√n) < 10 for every n < 50, so any accepted sample below 50 gave -inf."""
