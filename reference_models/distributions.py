@@ -67,7 +67,11 @@ class ReferenceModel:
             raise ValueError(f"x contains {int(torch.isnan(x).sum())} NaN values")
         far = ~torch.isfinite(x).reshape(x.shape[0], -1).all(-1)  # a coordinate at ±inf: density 0
         near = x.masked_fill(far.reshape(-1, *[1] * len(event)), 0.0)
-        return self.dist.log_prob(near).masked_fill(far, -math.inf)
+        return self._log_prob(near).masked_fill(far, -math.inf)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        """The log-density of checked, finite samples."""
+        return self.dist.log_prob(x)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
@@ -170,7 +174,7 @@ class GaussianMixture(ReferenceModel):
         k = self.weights.shape[0]
         if self.locs.shape[0] != k:
             raise ValueError(f"locs must have {k} rows, one per weight, got {tuple(self.locs.shape)}")
-        mix = _Categorical(probs=self.weights, validate_args=False)
+        mix = _Categorical(logits=self.weights.log(), validate_args=False)  # probs= would clamp weights to >= eps
         if scales is not None:
             self.scales = _scales("scales", scales, dtype, device)
             if self.locs.dim() != 1 or self.scales.shape != (k,):
@@ -207,7 +211,7 @@ class GaussianMixture(ReferenceModel):
 
 
 class Uniform(ReferenceModel):
-    """U(low, high) on the real line; ``log_prob`` is -inf outside the support."""
+    """U(low, high) on the real line; ``log_prob`` is -inf outside the support [low, high]."""
 
     _anchor = "low"
 
@@ -224,6 +228,11 @@ class Uniform(ReferenceModel):
     def _sample(self, n, generator):
         u = torch.rand(n, generator=generator, dtype=self.low.dtype, device=self.low.device)
         return self.low + (self.high - self.low) * u
+
+    def _log_prob(self, x):
+        """-log(high - low) on the closed [low, high] (a sample can round to ``high``), -inf outside."""
+        inside = (x >= self.low) & (x <= self.high)
+        return torch.where(inside, -torch.log(self.high - self.low), -math.inf).to(torch.promote_types(x.dtype, self.dtype))
 
     def describe(self):
         return f"U({self.low.item():g}, {self.high.item():g})"

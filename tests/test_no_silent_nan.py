@@ -288,3 +288,24 @@ def test_zipf_logits_rejects_bad_arguments_by_name(kwargs, name):
     """zipf_logits(-1) ended in a RuntimeError traceback."""
     with pytest.raises(ValueError, match=f"^{name} must"):
         rm.zipf_logits(**kwargs)
+
+
+def test_mixture_weights_below_float_eps_are_kept():
+    """Found by tests/test_properties.py: torch's Categorical(probs=...) clamps probabilities to [eps, 1 - eps], so a
+    weight of 1e-300 counted as 2.2e-16 and a point where only that component has mass was 196 nats too likely."""
+    m = rm.GaussianMixture([1.0, 1e-300], [0.0, 100.0], scales=[1.0, 1.0])
+    x = torch.tensor([100.0], dtype=torch.float64)
+    exact = float(mp.log(mp.mpf(1e-300) * mp.npdf(100, 100, 1) + mp.npdf(100, 0, 1)))
+    assert float(m.log_prob(x)[0]) == pytest.approx(exact, rel=1e-14)
+    assert exact < -600
+
+
+def test_uniform_width_and_zipf_logits_that_overflow_are_rejected():
+    """Found by tests/test_properties.py: U(-1e308, 1e308) has width inf (log_prob -inf, samples inf or NaN), and
+    zipf_logits with a huge exponent or noise gave NaN logits."""
+    with pytest.raises(ValueError, match="^high - low must be finite"):
+        rm.Uniform(-1e308, 1e308)
+    with pytest.raises(ValueError, match="exponent"):
+        rm.zipf_logits(9, exponent=-1e308, noise=1e308, generator=torch.Generator().manual_seed(0))
+    u = rm.Uniform(-5e-324, 0.0)  # a sample can round to high: the support is closed
+    assert bool(torch.isfinite(u.log_prob(u.sample(50, torch.Generator().manual_seed(0)))).all())
