@@ -68,9 +68,12 @@ def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def verl_low_var_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """verl's ``low_var_kl``: k3 with ``log r`` clamped to [-20, 20] before ``exp`` and the result to [-10, 10]."""
+    """verl's ``low_var_kl``: k3 with ``log r`` clamped to [-20, 20] before ``exp`` and the result to [-10, 10].
+
+    verl writes k3 as ``exp(lr) - lr - 1``; this is the same function through ``expm1``, without that form's
+    cancellation near r = 1 (relative error up to 5 in float32 on sampled log-probs)."""
     lr = _log_ratio(log_p, log_q).clamp(-20.0, 20.0)
-    return (torch.exp(lr) - lr - 1).clamp(-10.0, 10.0).to(log_p.dtype)
+    return k3_of_log_ratio(lr).clamp(-10.0, 10.0).to(log_p.dtype)
 
 
 def openrlhf_k3(log_p: Tensor, log_q: Tensor) -> Tensor:
