@@ -118,6 +118,21 @@ def test_rao_blackwell_kl_with_an_all_zero_mask_is_zero():
     assert got.tolist() == [0.0, 0.0]
 
 
+@pytest.mark.xfail(strict=False, reason="needs token_kl fix (issue 12 branch)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rao_blackwell_kl_with_finfo_min_masked_logits_equals_minus_inf_masks(dtype, masked):
+    """Path 1 through rao_blackwell_kl: logits masked with finfo.min (as Hugging Face does) gave NaN for every row,
+    solely because token_kl, which it sums, did; -inf masks were right."""
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a, b = logits.clone(), logits.flip(-1).clone()
+    a[..., 0] = b[..., 0] = torch.finfo(dtype).min
+    mask = torch.ones(2, 3, dtype=torch.bool) if masked else None
+    expected = sequence.rao_blackwell_kl(a.masked_fill(a == a[0, 0, 0], -math.inf),
+                                         b.masked_fill(b == b[0, 0, 0], -math.inf), mask)
+    torch.testing.assert_close(sequence.rao_blackwell_kl(a, b, mask), expected)
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_jackknife_on_an_empty_batch_is_empty(order):
     out = marginal.jackknife_log_mean_exp(torch.zeros(0, 5), order=order)
