@@ -74,7 +74,8 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
         number = operator.index(value)
     except TypeError:
         number = None
-    if number is None or isinstance(value, (bool, np.bool_)) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+    boolean = isinstance(value, (bool, np.bool_)) or (isinstance(value, Tensor) and value.dtype == torch.bool)
+    if number is None or boolean:
         raise ValueError(f"{name} must be an int, got {value!r}")
     if number < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {number}")

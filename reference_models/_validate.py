@@ -17,7 +17,8 @@ def real_tensor(name: str, value, dtype: torch.dtype, device, *, finite: bool = 
     ``device``; NaN is rejected always, ±inf unless ``finite`` is False."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if isinstance(value, (str, bytes)) or (isinstance(value, Tensor) and (value.is_complex() or value.dtype == torch.bool)):
+    not_real = isinstance(value, Tensor) and (value.is_complex() or value.dtype == torch.bool)
+    if isinstance(value, (str, bytes)) or not_real:
         raise ValueError(f"{name} must hold real numbers, got {value!r:.80}")
     try:
         t = torch.as_tensor(value, dtype=dtype, device=device)

@@ -167,7 +167,8 @@ class GaussianMixture(ReferenceModel):
             raise ValueError("give exactly one of scales (1-D) or covariances (d-D)")
         weights = real_tensor("weights", weights, dtype, device)
         if weights.dim() != 1 or weights.numel() == 0 or not bool((weights > 0).all()):
-            raise ValueError(f"weights must be a positive vector with at least one entry, got shape {tuple(weights.shape)}")
+            raise ValueError(f"weights must be a positive vector with at least one entry, "
+                             f"got shape {tuple(weights.shape)}")
         weights = weights / weights.max()
         self.weights = weights / weights.sum()
         self.locs = real_tensor("locs", locs, dtype, device)
@@ -232,7 +233,8 @@ class Uniform(ReferenceModel):
     def _log_prob(self, x):
         """-log(high - low) on the closed [low, high] (a sample can round to ``high``), -inf outside."""
         inside = (x >= self.low) & (x <= self.high)
-        return torch.where(inside, -torch.log(self.high - self.low), -math.inf).to(torch.promote_types(x.dtype, self.dtype))
+        log_density = torch.where(inside, -torch.log(self.high - self.low), -math.inf)
+        return log_density.to(torch.promote_types(x.dtype, self.dtype))
 
     def describe(self):
         return f"U({self.low.item():g}, {self.high.item():g})"

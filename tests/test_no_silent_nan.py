@@ -265,7 +265,8 @@ def test_gaussian_scale_just_inside_the_range_has_an_exact_kl():
     (lambda: rm.Categorical([0.0, 1.0], dtype=torch.int32), "dtype"),
     (lambda: rm.GaussianMixture([1.0, 1.0], [0.0, 1.0], scales=[1.0, 1.0], dtype=torch.complex64), "dtype"),
     (lambda: rm.Gaussian(torch.tensor(1 + 2j), 1.0), "loc"),
-], ids=["loc-str", "scale-str", "gaussian-int64", "uniform-bool", "categorical-int32", "mixture-complex", "loc-complex"])
+], ids=["loc-str", "scale-str", "gaussian-int64", "uniform-bool", "categorical-int32", "mixture-complex",
+        "loc-complex"])
 def test_constructors_reject_non_real_parameters_and_non_float_dtypes(make, name):
     with pytest.raises(ValueError, match=f"^{name} must"):
         make()
