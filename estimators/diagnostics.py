@@ -44,7 +44,7 @@ def pareto_khat(x: Tensor, tail: str = "right") -> float:
     exceed = exceed[exceed > 0]  # ties at the threshold carry no tail information
     if exceed.shape[0] < _MIN_EXCEEDANCES:
         return -math.inf
-    return _gpd_shape(exceed)
+    return _gpd_shape(exceed / exceed[-1])  # the shape is scale-free; in units of the largest nothing overflows
 
 
 def _gpd_shape(x: np.ndarray) -> float:

@@ -325,3 +325,13 @@ def test_uniform_width_and_zipf_logits_that_overflow_are_rejected():
         rm.zipf_logits(9, exponent=-1e308, noise=1e308, generator=torch.Generator().manual_seed(0))
     u = rm.Uniform(-5e-324, 0.0)  # a sample can round to high: the support is closed
     assert bool(torch.isfinite(u.log_prob(u.sample(50, torch.Generator().manual_seed(0)))).all())
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("largest", [1.5e308, 1e-310])
+def test_pareto_khat_is_scale_free_without_overflow(largest):
+    """Found by tests/test_properties.py: exceedances near 1e308 (or subnormal ones) overflowed numpy's products
+    inside the fit."""
+    torch.manual_seed(0)
+    x = torch.distributions.Pareto(1.0, 2.0).sample((200,)).double()
+    assert pareto_khat(x / x.max() * largest) == pytest.approx(pareto_khat(x), abs=1e-12)
