@@ -82,14 +82,14 @@ def openrlhf_k3(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def k3_of_log_ratio(lr: Tensor) -> Tensor:
-    """``expm1(lr) - lr``, with ``+inf`` (never ``inf - inf``) where ``lr`` is ``+inf`` or ``expm1`` overflows:
-    there the true value exceeds the dtype's range too."""
+    """``expm1(lr) - lr``: ``+inf`` (never ``inf - inf``) where ``lr`` is ``±inf`` or ``expm1`` overflows, where
+    the true value exceeds the dtype's range too."""
     return torch.expm1(lr) - lr.clamp_max(torch.finfo(lr.dtype).max)
 
 
 def _log_ratio(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``log q - log p`` after checking the inputs, computed in at least float32 (float16 and bfloat16 inputs
-    are upcast: their differences are then exact, and nothing downstream rounds to 3 significant digits)."""
+    are upcast: their difference is rounded once to float32, and nothing downstream to 3 significant digits)."""
     check_log_probs(log_p, log_q)
     work = torch.promote_types(log_p.dtype, torch.float32)
     return log_q.to(work) - log_p.to(work)
