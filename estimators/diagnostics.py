@@ -14,32 +14,37 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["pareto_khat"]
+__all__ = ["pareto_khat", "MIN_TAIL_SAMPLES"]
+
+#: The fewest values :func:`pareto_khat` accepts, and the fewest exceedances it fits.
+MIN_TAIL_SAMPLES = 20
+_MIN_EXCEEDANCES = 10
 
 
 def pareto_khat(x: Tensor, tail: str = "right") -> float:
     """Pareto k̂ of the upper tail of ``x`` (``tail="both"``: of ``|x - median|``), from the largest
-    ``M = min(n/5, 3√n)`` values. Returns ``-inf`` when the tail is degenerate (fewer than 10 distinct
-    exceedances of the threshold)."""
+    ``M = max(min(n/5, 3√n), 10)`` values: PSIS's tail size, but never fewer than the 10 a fit needs (so
+    for 20 ≤ n < 50 the tail is up to half the sample, and k̂ noisier, shrunk towards 0.5 by the prior).
+    Returns ``-inf`` when the tail is degenerate (fewer than 10 distinct exceedances of the threshold: ties)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if tail not in ("right", "both"):
         raise ValueError(f"tail must be 'right' or 'both', got {tail!r}")
     v = x.detach().reshape(-1).double().cpu()
-    if v.numel() < 20:
-        raise ValueError(f"x needs at least 20 values for a tail fit, got {v.numel()}")
+    if v.numel() < MIN_TAIL_SAMPLES:
+        raise ValueError(f"x needs at least {MIN_TAIL_SAMPLES} values for a tail fit, got {v.numel()}")
     if not bool(torch.isfinite(v).all()):
         raise ValueError("x contains non-finite values")
     if tail == "both":
         v = (v - v.median()).abs()
     n = v.numel()
-    m = int(min(0.2 * n, 3 * math.sqrt(n)))
+    m = max(int(min(0.2 * n, 3 * math.sqrt(n))), _MIN_EXCEEDANCES)
     top = torch.topk(v, m + 1).values.numpy()[::-1]  # ascending: threshold first
     exceed = top[1:] - top[0]
     exceed = exceed[exceed > 0]  # ties at the threshold carry no tail information
-    if exceed.shape[0] < 10:
+    if exceed.shape[0] < _MIN_EXCEEDANCES:
         return -math.inf
-    return _gpd_shape(exceed)
+    return _gpd_shape(exceed / exceed[-1])  # the shape is scale-free; in units of the largest nothing overflows
 
 
 def _gpd_shape(x: np.ndarray) -> float:

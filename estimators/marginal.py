@@ -16,12 +16,13 @@ O(K^-3). Everything is computed in log space: log-weights near -1e4 and K = 1e5 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-from ._validate import check_finite, check_float_tensor
-from .diagnostics import pareto_khat
+from ._validate import check_finite, check_float_tensor, positive_int, real_number
+from .diagnostics import MIN_TAIL_SAMPLES, pareto_khat
 
 __all__ = ["log_mean_exp", "iwae", "elbo", "log_weights", "marginal_ratio", "effective_sample_size", "weight_khat",
            "delta_method_bias", "lognormal_moments", "lognormal_bias", "jackknife_log_mean_exp"]
@@ -40,12 +41,22 @@ def _check_log_w(log_w: Tensor, min_k: int = 1) -> int:
     return k
 
 
+def _work(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (float16 and bfloat16 are upcast)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def log_mean_exp(log_w: Tensor) -> Tensor:
     r""":math:`\log \frac1K \sum_k e^{\log w_k}` over the last dimension, max-shifted (``torch.logsumexp``).
 
-    A row of only -inf gives -inf (:math:`\hat A = 0`). Same dtype as ``log_w``."""
+    A row of only -inf gives -inf (:math:`\hat A = 0`). Computed in at least float32, returned in ``log_w``'s dtype."""
+    return _log_mean_exp(log_w).to(log_w.dtype)
+
+
+def _log_mean_exp(log_w: Tensor) -> Tensor:
+    """:func:`log_mean_exp` in its working dtype (at least float32), before rounding to ``log_w``'s."""
     k = _check_log_w(log_w)
-    return torch.logsumexp(log_w, dim=-1) - math.log(k)
+    return torch.logsumexp(_work(log_w), dim=-1) - math.log(k)
 
 
 def iwae(log_w: Tensor) -> Tensor:
@@ -55,9 +66,13 @@ def iwae(log_w: Tensor) -> Tensor:
 
 def elbo(log_w: Tensor) -> Tensor:
     r"""The K-sample average of the 1-sample bound, :math:`\frac1K\sum_k \log w_k`; its expectation is
-    :math:`\log p(x) - KL(q(z|x) \,\|\, p(z|x))`, whatever K."""
+    :math:`\log p(x) - KL(q(z|x) \,\|\, p(z|x))`, whatever K; -inf for a row with any -inf. Computed in
+    float64 as :math:`s \cdot \operatorname{mean}(\log w / s)` with s the row's largest finite |log w| (at least
+    1), so no sum overflows, even of float64 log-weights near its max; returned in ``log_w``'s dtype."""
     _check_log_w(log_w)
-    return log_w.mean(dim=-1)
+    lw = log_w.double()
+    scale = lw.abs().masked_fill(lw == -math.inf, 0.0).amax(-1, keepdim=True).clamp_min(1.0)
+    return ((lw / scale).mean(-1) * scale.squeeze(-1)).to(log_w.dtype)
 
 
 def log_weights(log_joint: Tensor, log_proposal: Tensor) -> Tensor:
@@ -80,21 +95,30 @@ def marginal_ratio(log_w: Tensor, log_marginal: float | Tensor) -> Tensor:
     r""":math:`\hat A / p(x) = \exp(\mathrm{log\_mean\_exp}(\log w) - \log p(x))`, unbiased for 1.
 
     Formed in log space, so it is accurate however small p(x) is; ``log_marginal`` broadcasts against
-    ``log_w.shape[:-1]``."""
-    lme = log_mean_exp(log_w)
-    lm = torch.as_tensor(log_marginal, dtype=lme.dtype, device=lme.device)
+    ``log_w.shape[:-1]`` (the result has that shape: a ``log_marginal`` that would enlarge it is an error).
+    Formed in float64 and returned in ``log_w``'s dtype: ``+inf`` where the ratio exceeds its range."""
+    lme = _log_mean_exp(log_w).double()
+    lm = torch.as_tensor(log_marginal, dtype=torch.float64, device=lme.device)
     if not bool(torch.isfinite(lm).all()):
         raise ValueError(f"log_marginal must be finite, got {log_marginal}")
-    return torch.exp(lme - lm)
+    if lm.dim() > lme.dim() or any(m not in (1, n) for m, n in zip(lm.shape[::-1], lme.shape[::-1])):
+        raise ValueError(f"log_marginal of shape {tuple(lm.shape)} must broadcast to log_w.shape[:-1] = "
+                         f"{tuple(lme.shape)} without enlarging it")
+    return torch.exp(lme - lm).to(log_w.dtype)
 
 
 def effective_sample_size(log_w: Tensor) -> Tensor:
     r"""Kish's :math:`(\sum w)^2 / \sum w^2 = \exp(2\,\mathrm{lse}(\log w) - \mathrm{lse}(2\log w))`, in [1, K];
-    0 for a row of only -inf."""
+    0 for a row of only -inf. Shift-invariant, so computed on :math:`\log w - \max \log w` (no ``2 log w``
+    overflows; a row of only -inf is computed as zeros, so its gradient is 0, not NaN), in at least float32,
+    returned in ``log_w``'s dtype."""
     _check_log_w(log_w)
-    lse = torch.logsumexp(log_w, dim=-1)
-    ess = torch.exp(2 * lse - torch.logsumexp(2 * log_w, dim=-1))
-    return torch.where(lse == -math.inf, torch.zeros_like(ess), ess)
+    lw = _work(log_w)
+    top = lw.amax(-1, keepdim=True)
+    dead = top == -math.inf
+    shifted = (lw - top.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+    ess = torch.exp(2 * torch.logsumexp(shifted, dim=-1) - torch.logsumexp(2 * shifted, dim=-1))
+    return ess.masked_fill(dead.squeeze(-1), 0.0).to(log_w.dtype)
 
 
 def weight_khat(log_w: Tensor) -> float:
@@ -104,7 +128,7 @@ def weight_khat(log_w: Tensor) -> float:
     PSIS's reading (Vehtari et al. 2024): k̂ < 0.5 fine; 0.5–0.7 finite mean but slow convergence;
     k̂ > 0.7 the estimate is untrustworthy at this K. Log-normal weights have all moments, but their
     tail looks heavy at practical K (s = 3 gives k̂ ≈ 0.8–1.1 at K = 1e4)."""
-    _check_log_w(log_w, min_k=20)
+    _check_log_w(log_w, min_k=MIN_TAIL_SAMPLES)
     if log_w.dim() != 1:
         raise ValueError(f"log_w must be 1-D (the K log-weights of one estimate), got shape {tuple(log_w.shape)}")
     top = log_w.max()
@@ -120,38 +144,65 @@ def delta_method_bias(mu: float, mu2: float, K: int, mu3: float | None = None) -
     moment) also the second-order term :math:`(\mu_3/(3\mu^3) - 3\mu_2^2/(4\mu^4))/K^2`. From
     :math:`\log(1+\delta) = \delta - \delta^2/2 + \delta^3/3 - \delta^4/4 + \dots` with
     :math:`E\delta^2 = \mu_2/(K\mu^2)`, :math:`E\delta^3 = \mu_3/(K^2\mu^3)`,
-    :math:`E\delta^4 = 3\mu_2^2/(K^2\mu^4) + O(K^{-3})`."""
+    :math:`E\delta^4 = 3\mu_2^2/(K^2\mu^4) + O(K^{-3})`.
+
+    The moments are finite real numbers (floats, NumPy scalars or one-element tensors), K a positive integer
+    (also NumPy's or a 0-d tensor's). Evaluated exactly in rationals and rounded once, so no intermediate
+    over- or underflows (mu = 1e-200 is fine); ``±inf`` where the bias itself exceeds the float range."""
+    mu, mu2 = real_number("mu", mu), real_number("mu2", mu2)
     if not mu > 0:
         raise ValueError(f"mu must be positive, got {mu}")
     if not mu2 >= 0:
         raise ValueError(f"mu2 must be a non-negative variance, got {mu2}")
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise ValueError(f"K must be a positive int, got {K!r}")
-    bias = -mu2 / (2 * K * mu ** 2)
-    if mu3 is not None:
-        bias += (mu3 / (3 * mu ** 3) - 3 * mu2 ** 2 / (4 * mu ** 4)) / K ** 2
-    return bias
+    m3 = None if mu3 is None else Fraction(real_number("mu3", mu3))
+    return _delta_bias(Fraction(mu), Fraction(mu2), positive_int("K", K), m3)
+
+
+def _delta_bias(m: Fraction, m2: Fraction, k: int, m3: Fraction | None) -> float:
+    """:func:`delta_method_bias` in exact rationals, rounded once to a float (``±inf`` beyond its range)."""
+    bias = -m2 / (2 * k * m ** 2)
+    if m3 is not None:
+        bias += (m3 / (3 * m ** 3) - 3 * m2 ** 2 / (4 * m ** 4)) / k ** 2
+    try:
+        return float(bias)
+    except OverflowError:
+        return math.inf if bias > 0 else -math.inf
 
 
 def lognormal_moments(s: float) -> tuple[float, float, float]:
     r"""Mean and central moments :math:`(\mu, \mu_2, \mu_3)` of :math:`w/E[w]` for :math:`\log w \sim N(m, s^2)`.
 
     With :math:`t = e^{s^2}`, :math:`E[(w/Ew)^n] = t^{n(n-1)/2}`, so :math:`\mu = 1`, :math:`\mu_2 = t - 1`,
-    :math:`\mu_3 = t^3 - 3t + 2 = (t-1)^2(t+2)`."""
-    if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
-        raise ValueError(f"s must be a finite non-negative number, got {s!r}")
-    e = math.expm1(s * s)  # t - 1, accurate for small s
+    :math:`\mu_3 = t^3 - 3t + 2 = (t-1)^2(t+2)`. A moment beyond the float range is ``inf`` (:math:`\mu_2` for
+    :math:`s^2` above 709.78, :math:`\mu_3` for :math:`s^2` above about 236.6)."""
+    e = _lognormal_e(s)
     return 1.0, e, e * e * (e + 3)
+
+
+def _lognormal_e(s: float) -> float:
+    """e^{s²} - 1 for a finite s ≥ 0 (``expm1``: accurate for small s), ``inf`` beyond the float range."""
+    s = real_number("s", s)
+    if s < 0:
+        raise ValueError(f"s must be non-negative, got {s}")
+    try:
+        return math.expm1(s * s)
+    except OverflowError:
+        return math.inf
 
 
 def lognormal_bias(s: float, K: int, order: int = 2) -> float:
     r"""Delta-method bias of :math:`\log \hat A_K` for log-normal weights with log-sd ``s``.
 
-    With :math:`e = e^{s^2} - 1`: order 1 :math:`-e/(2K)`; order 2 adds :math:`e^2(4e + 3)/(12K^2)`."""
+    With :math:`e = e^{s^2} - 1`: order 1 :math:`-e/(2K)`; order 2 adds :math:`e^2(4e + 3)/(12K^2)` (exact, as
+    in :func:`delta_method_bias`). Where e itself is beyond the float range, the dominant term's sign:
+    ``-inf`` at order 1, ``+inf`` at order 2."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
-    mu, mu2, mu3 = lognormal_moments(s)
-    return delta_method_bias(mu, mu2, K, mu3 if order == 2 else None)
+    e, k = _lognormal_e(s), positive_int("K", K)
+    if math.isinf(e):
+        return math.inf if order == 2 else -math.inf
+    m2 = Fraction(e)
+    return _delta_bias(Fraction(1), m2, k, m2 * m2 * (m2 + 3) if order == 2 else None)
 
 
 class _Normalized:
@@ -159,13 +210,15 @@ class _Normalized:
     what keeps :math:`\log(1 - \pi_i)` and :math:`\log(1 - \pi_i - \pi_j)` exact (:math:`\pi = e / S`,
     :math:`S = \sum e \in [1, K]`): only the largest weight (mask ``first``) can hold over half the mass,
     and the sums without it (:math:`S_1`) and without the two largest (:math:`S_{12}`) are summed
-    directly, never formed by subtraction. A weight below ~1e-308 × the largest counts as zero."""
+    directly, never formed by subtraction. A weight below 2.2e-308 (float64's smallest normal) × the
+    largest counts as zero."""
 
     def __init__(self, log_w: Tensor):
         lw = log_w.double()
         top = lw.amax(dim=-1, keepdim=True)
         self.top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         e = torch.exp(lw - self.top)
+        e = e.masked_fill(e < torch.finfo(torch.float64).tiny, 0.0)  # subnormals have too few digits to count
         self.k = e.shape[-1]
         self.positive = (e > 0).sum(-1)
         self.first = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, e.argmax(-1, keepdim=True), True)
@@ -203,7 +256,8 @@ class _Normalized:
         rest = self.log1m.masked_fill(first, 0.0).sum(-1)
         u = self.pi / (1 - self.pi)
         u = u.masked_fill(u < 1e-20, 0.0)  # its terms are below the series' precision
-        largest = float((u.masked_fill(~second, 0.0).sum(-1) * u.masked_fill(second, 0.0).amax(-1)).max())
+        products = u.masked_fill(~second, 0.0).sum(-1) * u.masked_fill(second, 0.0).amax(-1)
+        largest = float(products.max()) if products.numel() else 0.0  # an empty batch has no pairs
         terms = 1 if largest <= 0 else min(22, max(1, math.ceil(math.log(1e-13) / math.log(largest))))
         q, power = [], u
         for _ in range(2 * terms):

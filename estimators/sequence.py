@@ -34,15 +34,19 @@ Where q is zero at a token p samples, the sequence KL is infinite: ``log_q = -in
 Shapes: log-probs and Bernoulli logits ``[..., T]``, categorical logits ``[..., T, V]`` (position t holds the
 distribution that x_t was drawn from); results ``[...]``, summed over T. ``mask`` (shape ``[..., T]``, bool or 0/1)
 marks real tokens with 1: padded positions (0) are ignored and may hold anything, NaN and inf included; inputs
-are checked only where the mask is 1.
+are checked only where the mask is 1. An all-zero mask (a fully padded batch) gives 0.
+
+Precision: the log-prob estimators form and sum the log-ratios in float64 and return float64 for float64
+inputs, float32 otherwise (float16 and bfloat16 included), so a sum whose partial sums overflow float32 is still
+exact, and an estimate is ``±inf`` only where its value is beyond the returned dtype's range.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._validate import check_finite, check_float_tensor
+from ._validate import binary_mask, check_finite, check_float_tensor, check_shape
+from .kl import k3_of_log_ratio
 from .vocab import token_kl
 
 __all__ = ["sequence_k1", "sequence_k3_per_token", "sequence_k3", "rao_blackwell_kl", "bernoulli_rao_blackwell_kl",
@@ -54,21 +58,19 @@ _GATHER = 1 << 22
 
 def sequence_k1(log_p: Tensor, log_q: Tensor, mask: Tensor | None = None) -> Tensor:
     r""":math:`-\log R = \sum_t \text{mask}_t (\log p_t - \log q_t)`: unbiased for the sequence KL, may be negative."""
-    return -_log_ratios(log_p, log_q, mask).sum(-1)
+    return (-_log_ratios(log_p, log_q, mask).sum(-1)).to(_result_dtype(log_p))
 
 
 def sequence_k3_per_token(log_p: Tensor, log_q: Tensor, mask: Tensor | None = None) -> Tensor:
     r""":math:`\sum_t \text{mask}_t\,((r_t - 1) - \log r_t) \ge 0`: bias :math:`-E_p[\sum_t m_t]`, 0 where q's support
     lies inside p's at every prefix."""
-    lr = _log_ratios(log_p, log_q, mask)
-    return (torch.expm1(lr) - lr).sum(-1)
+    return k3_of_log_ratio(_log_ratios(log_p, log_q, mask)).sum(-1).to(_result_dtype(log_p))
 
 
 def sequence_k3(log_p: Tensor, log_q: Tensor, mask: Tensor | None = None) -> Tensor:
     r""":math:`(R - 1) - \log R \ge 0` with :math:`\log R = \sum_t \text{mask}_t \log r_t`: bias
     :math:`q(\operatorname{supp} p) - 1`, 0 where q's support lies inside p's."""
-    lr = _log_ratios(log_p, log_q, mask).sum(-1)
-    return torch.expm1(lr) - lr
+    return k3_of_log_ratio(_log_ratios(log_p, log_q, mask).sum(-1)).to(_result_dtype(log_p))
 
 
 def rao_blackwell_kl(logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -87,7 +89,8 @@ def rao_blackwell_kl(logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = N
     vocab = logits_p.shape[-1]
     a, b = logits_p.reshape(-1, vocab), logits_q.reshape(-1, vocab)
     kl = torch.zeros(a.shape[0], dtype=torch.float64 if a.dtype == torch.float64 else torch.float32, device=a.device)
-    for rows in keep.reshape(-1).nonzero().squeeze(-1).split(max(1, _GATHER // vocab)):
+    kept = keep.reshape(-1).nonzero().squeeze(-1)
+    for rows in kept.split(max(1, _GATHER // vocab)) if kept.numel() else ():  # all masked: every KL is 0
         kl[rows] = token_kl(a[rows], b[rows])
     return kl.reshape(keep.shape).sum(-1)
 
@@ -108,8 +111,8 @@ def bernoulli_rao_blackwell_kl(logits_p: Tensor, logits_q: Tensor, mask: Tensor 
     d = b - a
     near, dc = d.abs() < 1, d.clamp(-1.0, 1.0)           # dc: no overflow in the branch where() leaves out
     sa, sna = torch.sigmoid(a), torch.sigmoid(-a)
-    l1 = torch.where(near, torch.log1p(sna * torch.expm1(-dc)), F.softplus(-b) - F.softplus(-a))
-    l0 = torch.where(near, torch.log1p(sa * torch.expm1(dc)), F.softplus(b) - F.softplus(a))
+    l1 = torch.where(near, torch.log1p(sna * torch.expm1(-dc)), _softplus(-b) - _softplus(-a))
+    l0 = torch.where(near, torch.log1p(sa * torch.expm1(dc)), _softplus(b) - _softplus(a))
     return (sa * l1 + sna * l0).clamp_min(0.0).sum(-1)
 
 
@@ -124,7 +127,7 @@ def categorical_token_log_probs(logits: Tensor, x: Tensor) -> Tensor:
     check_float_tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., T, V] with V > 0, got {tuple(logits.shape)}")
-    _check_shape("x", x, logits.shape[:-1], logits.device)
+    check_shape("x", x, logits.shape[:-1], logits.device)
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"x must have an integer dtype (token ids), got {x.dtype}")
     if not bool(((x >= 0) & (x < logits.shape[-1])).all()):
@@ -141,21 +144,34 @@ def bernoulli_token_log_probs(logits: Tensor, x: Tensor) -> Tensor:
     Float32 for half-precision logits, the input dtype otherwise; non-finite logits stay at their own positions.
     """
     check_float_tensor("logits", logits)
-    ones = _binary("x", x, logits.shape, logits.device)
+    ones = binary_mask("x", x, logits.shape, logits.device)
     acc = torch.promote_types(logits.dtype, torch.float32)
-    return -F.softplus(torch.where(ones, -logits, logits).to(acc))
+    return -_softplus(torch.where(ones, -logits, logits).to(acc))
+
+
+def _softplus(x: Tensor) -> Tensor:
+    r""":math:`\log(1 + e^x) = \max(x, 0) + \operatorname{log1p}(e^{-|x|})`, exact to rounding everywhere
+    (``F.softplus`` returns x itself above 20, an error of :math:`e^{-20} \approx 2 \cdot 10^{-9}`)."""
+    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
 
 
 def _log_ratios(log_p: Tensor, log_q: Tensor, mask: Tensor | None) -> Tensor:
-    """Per-token ``log q - log p``, 0 where the mask is 0, after checking the inputs."""
+    """Per-token ``log q - log p`` in float64 (so neither it nor a sum over T overflows or rounds before the
+    result does), 0 where the mask is 0, after checking the inputs."""
     log_p, log_q = _checked(log_p, log_q, ("log_p", "log_q"), mask)
-    return log_q - log_p
+    return log_q.double() - log_p.double()
+
+
+def _result_dtype(like: Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise."""
+    return torch.promote_types(like.dtype, torch.float32)
 
 
 def _checked(x: Tensor, y: Tensor, names: tuple[str, str], mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``x, y`` with 0 where the mask is 0, after checking them (finite where the mask is 1) and the mask."""
     _check_pair(x, y, names, min_dim=1)
     keep = _keep(mask, x.shape, x.device)
+    x, y = x.to(_result_dtype(x)), y.to(_result_dtype(y))
     if keep is not None:
         x, y = x.where(keep, 0.0), y.where(keep, 0.0)
     for name, value in zip(names, (x, y)):
@@ -178,21 +194,4 @@ def _check_pair(x: Tensor, y: Tensor, names: tuple[str, str], min_dim: int) -> N
 
 def _keep(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor | None:
     """The mask as a bool tensor, checked (None for no mask)."""
-    return None if mask is None else _binary("mask", mask, shape, device)
-
-
-def _binary(name: str, value: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
-    """``value != 0`` after checking its shape, device and values (bool, or only 0 and 1)."""
-    _check_shape(name, value, shape, device)
-    if value.dtype != torch.bool and not bool(((value == 0) | (value == 1)).all()):
-        raise ValueError(f"{name} must be bool or hold only 0 and 1, got {value.dtype} with other values")
-    return value != 0
-
-
-def _check_shape(name: str, value: Tensor, shape: torch.Size, device: torch.device) -> None:
-    """``value`` must be a tensor of shape ``shape`` on ``device``."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.shape != shape or value.device != device:
-        raise ValueError(f"{name} must have shape {tuple(shape)} on {device}, "
-                         f"got {tuple(value.shape)} on {value.device}")
+    return None if mask is None else binary_mask("mask", mask, shape, device)

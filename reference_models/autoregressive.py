@@ -26,21 +26,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli
 
+from ._validate import positive_int
+
 __all__ = ["BinaryAutoregressive", "FVSBN", "NADE", "MADE", "all_binary_states", "nade_speedup"]
 
 MAX_ENUMERATION_DIM = 22
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def all_binary_states(dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """All 2^dim binary vectors [2^dim, dim] in counting order (row i is i in binary, dimension 0 the
     most significant bit); ``dim`` ≤ 22."""
-    _positive_int(dim, "dim")
+    positive_int("dim", dim)
     if dim > MAX_ENUMERATION_DIM:
         raise ValueError(f"dim must be <= {MAX_ENUMERATION_DIM} to enumerate 2^dim states, got {dim}")
     idx = torch.arange(2 ** dim)
@@ -53,7 +49,7 @@ class BinaryAutoregressive(nn.Module):
 
     def __init__(self, dim: int, ordering: Sequence[int] | None = None):
         super().__init__()
-        self.dim = _positive_int(dim, "dim")
+        self.dim = positive_int("dim", dim)
         self.ordering = tuple(range(dim)) if ordering is None else tuple(int(d) for d in ordering)
         if sorted(self.ordering) != list(range(dim)):
             raise ValueError(f"ordering must be a permutation of range({dim}), got {ordering!r}")
@@ -87,7 +83,7 @@ class BinaryAutoregressive(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Ancestral samples [n, D] of 0/1 in the parameters' dtype: D passes of ``conditionals``."""
-        x = torch.zeros(_positive_int(n, "n"), self.dim, dtype=self.dtype, device=self.device)
+        x = torch.zeros(positive_int("n", n), self.dim, dtype=self.dtype, device=self.device)
         for d in self.ordering:
             x[:, d] = torch.bernoulli(torch.sigmoid(self.conditionals(x)[:, d]), generator=generator)
         return x
@@ -135,7 +131,7 @@ class NADE(BinaryAutoregressive):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__(dim)
-        self.hidden = _positive_int(hidden, "hidden")
+        self.hidden = positive_int("hidden", hidden)
         self.W = nn.Parameter(torch.randn(hidden, dim) * dim ** -0.5)
         self.c = nn.Parameter(torch.zeros(hidden))
         self.V = nn.Parameter(torch.randn(dim, hidden) * hidden ** -0.5)
@@ -165,7 +161,7 @@ class NADE(BinaryAutoregressive):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Ancestral samples [n, D], drawing x_d and then updating a ← a + W[:, d] x_d: O(D·H) per sample."""
-        x = torch.zeros(_positive_int(n, "n"), self.dim, dtype=self.dtype, device=self.device)
+        x = torch.zeros(positive_int("n", n), self.dim, dtype=self.dtype, device=self.device)
         a = self.c.expand(n, self.hidden)
         for d in range(self.dim):
             x[:, d] = torch.bernoulli(torch.sigmoid(self._logit(a, d)), generator=generator)
@@ -202,7 +198,7 @@ class MADE(BinaryAutoregressive):
         super().__init__(dim, ordering)
         if dim < 2:
             raise ValueError(f"dim must be >= 2 for MADE (hidden degrees lie in 1..dim-1), got {dim}")
-        self.hidden_sizes = tuple(_positive_int(h, "hidden_sizes entries") for h in hidden_sizes)
+        self.hidden_sizes = tuple(positive_int("hidden_sizes entries", h) for h in hidden_sizes)
         g = torch.Generator().manual_seed(seed)
         degree_in = torch.empty(dim, dtype=torch.long)
         degree_in[list(self.ordering)] = torch.arange(1, dim + 1)
@@ -229,10 +225,10 @@ class MADE(BinaryAutoregressive):
 def nade_speedup(dim: int = 64, hidden: int = 256, n: int = 512, repeats: int = 5) -> tuple[float, float]:
     """Best-of-``repeats`` wall seconds of NADE ``conditionals_naive`` (O(D²H)) and ``conditionals``
     (O(DH)) on one batch of ``n`` random binary vectors: (t_naive, t_cached)."""
-    _positive_int(repeats, "repeats")
+    positive_int("repeats", repeats)
     g = torch.Generator().manual_seed(0)
     model = NADE(dim, hidden)
-    x = torch.randint(0, 2, (_positive_int(n, "n"), dim), generator=g).float()
+    x = torch.randint(0, 2, (positive_int("n", n), dim), generator=g).float()
 
     def best(fn) -> float:
         times = []

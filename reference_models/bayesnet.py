@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical
 
+from ._validate import positive_int
 from .distributions import ReferenceModel
 
 __all__ = ["DiscreteBayesNet", "full_joint_parameters", "independent_parameters", "markov_chain_parameters",
@@ -46,10 +47,8 @@ def _check_cards(cards) -> tuple[int, ...]:
 
 
 def _check_chain(length, card, order) -> None:
-    if not (_is_int(length) and length >= 1):
-        raise ValueError(f"length must be an int >= 1, got {length!r}")
-    if not (_is_int(card) and card >= 2):
-        raise ValueError(f"card must be an int >= 2, got {card!r}")
+    positive_int("length", length)
+    positive_int("card", card, minimum=2)
     if not (_is_int(order) and 0 <= order < length):
         raise ValueError(f"order must be an int in [0, length) = [0, {length}), got {order!r}")
 

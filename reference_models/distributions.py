@@ -15,13 +15,19 @@ from torch.distributions import Categorical as _Categorical
 from torch.distributions import Independent, MixtureSameFamily, MultivariateNormal, Normal
 from torch.distributions import Uniform as _Uniform
 
+from ._validate import real_number, positive_int, real_tensor
+
 __all__ = ["ReferenceModel", "Gaussian", "GaussianMixture", "Uniform", "Categorical", "zipf_logits", "top_k_logits"]
 
 
 class ReferenceModel:
-    """A distribution with an exact normalized ``log_prob`` and reproducible ``sample``."""
+    """A distribution with an exact normalized ``log_prob`` and reproducible ``sample``.
+
+    A subclass names in ``_anchor`` one of its parameter tensors: the model's ``dtype`` and ``device`` are that
+    tensor's."""
 
     dist: torch.distributions.Distribution
+    _anchor: str
 
     @property
     def event_shape(self) -> torch.Size:
@@ -29,29 +35,42 @@ class ReferenceModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        raise NotImplementedError
+        return getattr(self, self._anchor).dtype
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return getattr(self, self._anchor).device
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` samples, shape ``[n, *event_shape]``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        return self._sample(n, generator)
+        return self._sample(positive_int("n", n), generator)
 
     def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log-density (log-mass) of each sample: ``x[n, *event] -> Tensor[n]``."""
+        """Exact log-density (log-mass) of each sample: ``x[n, *event] -> Tensor[n]``.
+
+        NaN in x is a ValueError; a sample with an infinite coordinate has density 0 (``-inf``); no samples
+        (n = 0) give an empty result."""
         if not isinstance(x, Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         event = tuple(self.event_shape)
         if x.dim() != 1 + len(event) or tuple(x.shape[1:]) != event:
             raise ValueError(f"x must have shape [n, {', '.join(map(str, event)) or ''}] for event shape {event}, "
                              f"got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        if not x.is_floating_point():
+            return self.dist.log_prob(x)
+        if bool(torch.isnan(x).any()):
+            raise ValueError(f"x contains {int(torch.isnan(x).sum())} NaN values")
+        far = ~torch.isfinite(x).reshape(x.shape[0], -1).all(-1)  # a coordinate at ±inf: density 0
+        near = x.masked_fill(far.reshape(-1, *[1] * len(event)), 0.0)
+        return self._log_prob(near).masked_fill(far, -math.inf)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        """The log-density of checked, finite samples."""
         return self.dist.log_prob(x)
 
     def __repr__(self) -> str:
@@ -61,10 +80,15 @@ class ReferenceModel:
         raise NotImplementedError
 
 
-def _as_tensor(value, name: str, dtype: torch.dtype, device) -> Tensor:
-    t = torch.as_tensor(value, dtype=dtype, device=device)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite")
+
+
+def _scales(name: str, value, dtype: torch.dtype, device) -> Tensor:
+    """Standard deviations whose squares (the variances) are positive normal floats of ``dtype``."""
+    t = real_tensor(name, value, dtype, device)
+    info = torch.finfo(t.dtype)
+    if not bool(((t > math.sqrt(info.tiny)) & (t < math.sqrt(info.max))).all()):
+        raise ValueError(f"{name} must be positive, within ({math.sqrt(info.tiny):.3g}, {math.sqrt(info.max):.3g}) in "
+                         f"{t.dtype} so that its square (the variance) is a positive normal float")
     return t
 
 
@@ -76,15 +100,18 @@ class Gaussian(ReferenceModel):
     """N(loc, Σ) in d dimensions (``loc`` a vector), or N(loc, scale²) in 1-D (``loc`` a scalar).
 
     Give exactly one of ``scale`` (1-D standard deviation, or a vector of them: diagonal covariance)
-    or ``covariance`` (a full d×d matrix, positive definite).
+    or ``covariance`` (a full d×d matrix, positive definite). A scale whose square under- or overflows the
+    dtype (below ~1.5e-154 or above ~1.3e154 in float64) is rejected: its variance would not be representable.
     """
+
+    _anchor = "loc"
 
     def __init__(self, loc, scale=None, covariance=None, *, dtype=torch.float64, device=None):
         if (scale is None) == (covariance is None):
             raise ValueError("give exactly one of scale or covariance")
-        self.loc = _as_tensor(loc, "loc", dtype, device)
+        self.loc = real_tensor("loc", loc, dtype, device)
         if covariance is not None:
-            cov = _as_tensor(covariance, "covariance", dtype, device)
+            cov = real_tensor("covariance", covariance, dtype, device)
             d = self.loc.shape[-1] if self.loc.dim() == 1 else -1
             if self.loc.dim() != 1 or cov.shape != (d, d):
                 raise ValueError(f"covariance must be [d, d] for a loc of shape [d], got {tuple(cov.shape)} and "
@@ -97,20 +124,12 @@ class Gaussian(ReferenceModel):
                 raise ValueError("covariance must be symmetric positive definite") from err
             self.dist = MultivariateNormal(self.loc, scale_tril=self.scale_tril, validate_args=False)
         else:
-            scale = _as_tensor(scale, "scale", dtype, device)
-            if scale.shape != self.loc.shape or self.loc.dim() > 1 or not bool((scale > 0).all()):
-                raise ValueError("scale must be positive and have the shape of loc (a scalar or a vector)")
+            scale = _scales("scale", scale, dtype, device)
+            if scale.shape != self.loc.shape or self.loc.dim() > 1:
+                raise ValueError("scale must have the shape of loc (a scalar or a vector)")
             base = Normal(self.loc, scale, validate_args=False)
             self.scale_tril = torch.diag(scale) if scale.dim() == 1 else scale
             self.dist = Independent(base, 1, validate_args=False) if scale.dim() == 1 else base
-
-    @property
-    def dtype(self):
-        return self.loc.dtype
-
-    @property
-    def device(self):
-        return self.loc.device
 
     @property
     def dim(self) -> int:
@@ -136,28 +155,35 @@ class Gaussian(ReferenceModel):
 
 class GaussianMixture(ReferenceModel):
     """Σ_k w_k N(μ_k, σ_k²) in 1-D (``locs`` [K], ``scales`` [K]) or Σ_k w_k N(μ_k, Σ_k) in d dimensions
-    (``locs`` [K, d], ``covariances`` [K, d, d])."""
+    (``locs`` [K, d], ``covariances`` [K, d, d]).
+
+    ``weights`` are positive and need not sum to 1: they are divided by their sum (after dividing by the
+    largest, so that no sum overflows); ``self.weights`` holds the normalized ones."""
+
+    _anchor = "locs"
 
     def __init__(self, weights, locs, scales=None, covariances=None, *, dtype=torch.float64, device=None):
         if (scales is None) == (covariances is None):
             raise ValueError("give exactly one of scales (1-D) or covariances (d-D)")
-        self.weights = _as_tensor(weights, "weights", dtype, device)
-        if self.weights.dim() != 1 or not bool((self.weights > 0).all()):
-            raise ValueError("weights must be a positive vector")
-        self.weights = self.weights / self.weights.sum()
-        self.locs = _as_tensor(locs, "locs", dtype, device)
+        weights = real_tensor("weights", weights, dtype, device)
+        if weights.dim() != 1 or weights.numel() == 0 or not bool((weights > 0).all()):
+            raise ValueError(f"weights must be a positive vector with at least one entry, "
+                             f"got shape {tuple(weights.shape)}")
+        weights = weights / weights.max()
+        self.weights = weights / weights.sum()
+        self.locs = real_tensor("locs", locs, dtype, device)
         k = self.weights.shape[0]
         if self.locs.shape[0] != k:
             raise ValueError(f"locs must have {k} rows, one per weight, got {tuple(self.locs.shape)}")
-        mix = _Categorical(probs=self.weights, validate_args=False)
+        mix = _Categorical(logits=self.weights.log(), validate_args=False)  # probs= would clamp weights to >= eps
         if scales is not None:
-            self.scales = _as_tensor(scales, "scales", dtype, device)
-            if self.locs.dim() != 1 or self.scales.shape != (k,) or not bool((self.scales > 0).all()):
-                raise ValueError("1-D mixtures need locs [K] and positive scales [K]")
+            self.scales = _scales("scales", scales, dtype, device)
+            if self.locs.dim() != 1 or self.scales.shape != (k,):
+                raise ValueError("1-D mixtures need locs [K] and scales [K]")
             self.dist = MixtureSameFamily(mix, Normal(self.locs, self.scales, validate_args=False),
                                           validate_args=False)
         else:
-            covs = _as_tensor(covariances, "covariances", dtype, device)
+            covs = real_tensor("covariances", covariances, dtype, device)
             if self.locs.dim() != 2 or covs.shape != (k, self.locs.shape[1], self.locs.shape[1]):
                 raise ValueError("d-D mixtures need locs [K, d] and covariances [K, d, d]")
             if not torch.allclose(covs, covs.transpose(-1, -2)):
@@ -169,14 +195,6 @@ class GaussianMixture(ReferenceModel):
             self.scales = None
             comp = MultivariateNormal(self.locs, scale_tril=self.scale_trils, validate_args=False)
             self.dist = MixtureSameFamily(mix, comp, validate_args=False)
-
-    @property
-    def dtype(self):
-        return self.locs.dtype
-
-    @property
-    def device(self):
-        return self.locs.device
 
     def _sample(self, n, generator):
         idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -194,26 +212,29 @@ class GaussianMixture(ReferenceModel):
 
 
 class Uniform(ReferenceModel):
-    """U(low, high) on the real line; ``log_prob`` is -inf outside the support."""
+    """U(low, high) on the real line; ``log_prob`` is -inf outside the support [low, high]."""
+
+    _anchor = "low"
 
     def __init__(self, low, high, *, dtype=torch.float64, device=None):
-        self.low = _as_tensor(low, "low", dtype, device)
-        self.high = _as_tensor(high, "high", dtype, device)
+        self.low = real_tensor("low", low, dtype, device)
+        self.high = real_tensor("high", high, dtype, device)
         if self.low.dim() != 0 or self.high.dim() != 0 or not bool(self.low < self.high):
             raise ValueError(f"need scalar low < high, got low={low!r}, high={high!r}")
+        if not bool(torch.isfinite(self.high - self.low)):
+            raise ValueError(f"high - low must be finite in {dtype} (its log is the density), got low={low!r}, "
+                             f"high={high!r}")
         self.dist = _Uniform(self.low, self.high, validate_args=False)
-
-    @property
-    def dtype(self):
-        return self.low.dtype
-
-    @property
-    def device(self):
-        return self.low.device
 
     def _sample(self, n, generator):
         u = torch.rand(n, generator=generator, dtype=self.low.dtype, device=self.low.device)
         return self.low + (self.high - self.low) * u
+
+    def _log_prob(self, x):
+        """-log(high - low) on the closed [low, high] (a sample can round to ``high``), -inf outside."""
+        inside = (x >= self.low) & (x <= self.high)
+        log_density = torch.where(inside, -torch.log(self.high - self.low), -math.inf)
+        return log_density.to(torch.promote_types(x.dtype, self.dtype))
 
     def describe(self):
         return f"U({self.low.item():g}, {self.high.item():g})"
@@ -223,8 +244,10 @@ class Categorical(ReferenceModel):
     """A categorical distribution over ``V`` tokens given by ``logits`` [V]; ``-inf`` marks excluded tokens
     (top-k or top-p truncation). Samples are integer token ids of shape [n]."""
 
+    _anchor = "logits"
+
     def __init__(self, logits, *, dtype=torch.float64, device=None):
-        logits = torch.as_tensor(logits, dtype=dtype, device=device)
+        logits = real_tensor("logits", logits, dtype, device, finite=False)
         if logits.dim() != 1 or logits.numel() == 0:
             raise ValueError(f"logits must be a non-empty vector [V], got shape {tuple(logits.shape)}")
         if bool(torch.isnan(logits).any()) or bool((logits == math.inf).any()):
@@ -242,14 +265,6 @@ class Categorical(ReferenceModel):
     @property
     def vocab_size(self) -> int:
         return self.dist.logits.shape[0]
-
-    @property
-    def dtype(self):
-        return self.dist.logits.dtype
-
-    @property
-    def device(self):
-        return self.dist.logits.device
 
     def _sample(self, n, generator):
         u = torch.rand(n, generator=generator, dtype=self._cdf.dtype, device=self._cdf.device) * self._cdf[-1]
@@ -272,16 +287,28 @@ def zipf_logits(vocab_size: int, exponent: float = 1.1, noise: float = 0.0,
                 generator: torch.Generator | None = None) -> Tensor:
     """Zipf-like next-token logits: ``-exponent·log(rank)`` over a random ranking of the vocabulary,
     plus Gaussian noise of std ``noise`` (float64)."""
+    vocab_size = positive_int("vocab_size", vocab_size)
+    exponent, noise = real_number("exponent", exponent), real_number("noise", noise)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     ranks = torch.randperm(vocab_size, generator=generator).double() + 1
     logits = -exponent * torch.log(ranks)
     if noise:
         logits = logits + noise * torch.randn(vocab_size, generator=generator, dtype=torch.float64)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"exponent {exponent:g} and noise {noise:g} give logits beyond float64's range")
     return logits
 
 
 def top_k_logits(logits: Tensor, k: int) -> Tensor:
     """Keep the ``k`` largest logits and set the rest to -inf (top-k truncated sampling)."""
-    if not 1 <= k <= logits.shape[-1]:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() == 0:
+        raise ValueError(f"logits must be a floating-point tensor [..., V], got {logits!r:.80}")
+    if bool(torch.isnan(logits).any()):
+        raise ValueError("logits contain NaN")
+    if positive_int("k", k) > logits.shape[-1]:
         raise ValueError(f"k must be in [1, {logits.shape[-1]}], got {k}")
     kth = torch.topk(logits, k).values[..., -1:]
     return logits.masked_fill(logits < kth, -math.inf)

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.distributions import (Categorical, Distribution, Independent, LowRankMultivariateNormal,
                                  MixtureSameFamily, MultivariateNormal, Normal)
 
-from .distributions import _as_tensor, _randn
+from ._validate import positive_int, real_number, real_tensor
+from .distributions import _randn
 
 __all__ = ["LatentModel", "LinearGaussian", "DiscreteLatent", "GaussianClassConditional"]
 
@@ -32,14 +33,14 @@ def _shape(value) -> str:
 
 
 def _positive_scalar(value, name: str, dtype, device) -> Tensor:
-    t = _as_tensor(value, name, dtype, device)
+    t = real_tensor(name, value, dtype, device)
     if t.dim() != 0 or not bool(t > 0):
         raise ValueError(f"{name} must be a positive scalar, got {value!r}")
     return t
 
 
 def _probabilities(value, name: str, dtype, device) -> Tensor:
-    t = _as_tensor(value, name, dtype, device)
+    t = real_tensor(name, value, dtype, device)
     if t.dim() != 1 or not bool((t > 0).all()):
         raise ValueError(f"{name} must be a vector of positive probabilities, got {value!r}")
     if abs(float(t.sum()) - 1) > math.sqrt(torch.finfo(dtype).eps):
@@ -48,7 +49,7 @@ def _probabilities(value, name: str, dtype, device) -> Tensor:
 
 
 def _matrix(value, name: str, dtype, device) -> Tensor:
-    t = _as_tensor(value, name, dtype, device)
+    t = real_tensor(name, value, dtype, device)
     if t.dim() != 2 or 0 in t.shape:
         raise ValueError(f"{name} must be a non-empty matrix, got shape {tuple(t.shape)}")
     return t
@@ -95,9 +96,7 @@ class LatentModel:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw z ~ p(z), then x ~ p(x | z): returns (x [n, d], z)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        return self._sample(n, generator)
+        return self._sample(positive_int("n", n), generator)
 
     def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -119,7 +118,7 @@ class LinearGaussian(LatentModel):
     def __init__(self, W, b, sigma, *, dtype=torch.float64, device=None):
         self.W = _matrix(W, "W", dtype, device)
         self.dim, self.latent_dim = self.W.shape
-        self.b = _as_tensor(b, "b", dtype, device)
+        self.b = real_tensor("b", b, dtype, device)
         if self.b.shape != (self.dim,):
             raise ValueError(f"b must have shape [{self.dim}] to match W, got {tuple(self.b.shape)}")
         self.sigma = _positive_scalar(sigma, "sigma", dtype, device)
@@ -137,9 +136,7 @@ class LinearGaussian(LatentModel):
                device=None) -> LinearGaussian:
         """A fixed model from ``seed``: W_ij ~ N(0, 1/k) (so Var[(Wz)_i] ≈ 1) and b_i ~ N(0, 1), drawn in
         float64 on the CPU so that the same seed gives the same model on any dtype or device."""
-        for name, value in (("d", d), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        d, k = positive_int("d", d), positive_int("k", k)
         g = torch.Generator().manual_seed(seed)
         W = torch.randn(d, k, generator=g, dtype=torch.float64) / math.sqrt(k)
         b = torch.randn(d, generator=g, dtype=torch.float64)
@@ -158,7 +155,7 @@ class LinearGaussian(LatentModel):
         """Exact p(z | x), batched over x. Only this model takes ``scale``: it multiplies the posterior's
         standard deviation (its covariance by scale²), e.g. 1.2 for an importance proposal widened by 20%."""
         self._check_x(x)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        if not real_number("scale", scale) > 0:
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         return MultivariateNormal((x - self.b) @ self._gain, scale_tril=scale * self._posterior_tril,
                                   validate_args=False)
@@ -186,7 +183,7 @@ class DiscreteLatent(LatentModel):
         K, self.dim = self.locs.shape
         if weights.shape[0] != K:
             raise ValueError(f"locs must have one row per weight ({weights.shape[0]}), got {tuple(self.locs.shape)}")
-        s = _as_tensor(scale, "scale", dtype, device)
+        s = real_tensor("scale", scale, dtype, device)
         if s.shape not in ((), (K,), (K, self.dim)) or not bool((s > 0).all()):
             raise ValueError(f"scale must be positive with shape (), ({K},) or ({K}, {self.dim}), got {_shape(s)}")
         self.scale = (s[:, None] if s.dim() == 1 else s).expand(K, self.dim).clone()

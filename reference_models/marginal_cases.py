@@ -22,6 +22,7 @@ from typing import Callable, ClassVar, Iterable
 import torch
 from torch import Tensor
 
+from ._validate import positive_int
 from .registry import register_case
 from .truth import Truth
 
@@ -66,10 +67,10 @@ class MarginalCase:
 
     def draw_log_w(self, shape: tuple[int, ...], K: int, generator: torch.Generator | None = None) -> Tensor:
         """``log_w[*shape, K]`` in float64: i.i.d. log-weights, K per estimate."""
-        if not isinstance(shape, tuple) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape):
+        if not isinstance(shape, tuple):
             raise ValueError(f"shape must be a tuple of non-negative ints, got {shape!r}")
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-            raise ValueError(f"K must be a positive int, got {K!r}")
+        shape = tuple(positive_int(f"shape[{i}]", n, minimum=0) for i, n in enumerate(shape))
+        K = positive_int("K", K)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         return self.sampler(shape, K, generator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._validate import positive_int
 from .distributions import ReferenceModel
 
 __all__ = ["HiddenMarkovModel"]
@@ -39,9 +40,10 @@ class HiddenMarkovModel(ReferenceModel):
       :math:`\rho_t = p(z_t \mid x_{<t})`, :math:`p(x_t = v \mid x_{<t}) = \sum_s \rho_t(s) B_{sv}`.
     """
 
+    _anchor = "initial"
+
     def __init__(self, initial, transition, emission, length: int, *, dtype=torch.float64, device=None):
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"length must be a positive int, got {length!r}")
+        length = positive_int("length", length)
         initial, emission = torch.as_tensor(initial), torch.as_tensor(emission)
         if initial.dim() != 1 or initial.numel() == 0:
             raise ValueError(f"initial must be a non-empty vector [S], got shape {list(initial.shape)}")
@@ -59,9 +61,7 @@ class HiddenMarkovModel(ReferenceModel):
         and :math:`B = \mathrm{softmax}(\mathrm{scale}\cdot G')` row-wise, :math:`\pi = \mathrm{softmax}(G'')`,
         with G, G', G'' standard normal drawn from ``torch.Generator().manual_seed(seed)``. A positive
         ``stickiness`` (in nats) makes hidden states persist, so tokens carry long-range structure."""
-        for name, value in (("num_states", num_states), ("vocab_size", vocab_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        num_states, vocab_size = positive_int("num_states", num_states), positive_int("vocab_size", vocab_size)
         g = torch.Generator().manual_seed(seed)
         eye = torch.eye(num_states, dtype=torch.float64)
         transition = torch.softmax(scale * torch.randn(num_states, num_states, generator=g, dtype=torch.float64)
@@ -81,14 +81,6 @@ class HiddenMarkovModel(ReferenceModel):
     @property
     def vocab_size(self) -> int:
         return self.emission.shape[1]
-
-    @property
-    def dtype(self):
-        return self.initial.dtype
-
-    @property
-    def device(self):
-        return self.initial.device
 
     def _check(self, x) -> Tensor:
         if not isinstance(x, Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._validate import positive_int
 from .autoregressive import FVSBN, MADE, NADE
 from .bayesnet import DiscreteBayesNet
 from .sources import HiddenMarkovModel
@@ -145,9 +146,7 @@ class Recipe:
         if self.data not in ("digits", *SOURCES):
             raise ValueError(f"data must be one of {['digits', *SOURCES]}, got {self.data!r}")
         for name in ("n_train", "steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.steps < FINGERPRINT_STEPS:
             raise ValueError(f"steps must be >= {FINGERPRINT_STEPS}, got {self.steps}")
         if not (self.lr > 0 and self.weight_decay >= 0):

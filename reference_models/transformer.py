@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
-from .autoregressive import _positive_int
+from ._validate import positive_int
 
 __all__ = ["TransformerConfig", "CausalTransformer", "all_sequences"]
 
@@ -37,8 +37,8 @@ INITS = ("scaled", "unit")
 
 def all_sequences(vocab_size: int, length: int) -> Tensor:
     """All V^T token sequences [V^T, T] (int64) in lexicographic order; V^T ≤ 10⁶."""
-    _positive_int(vocab_size, "vocab_size")
-    _positive_int(length, "length")
+    positive_int("vocab_size", vocab_size)
+    positive_int("length", length)
     if vocab_size ** length > MAX_SEQUENCES:
         raise ValueError(f"vocab_size**length must be <= {MAX_SEQUENCES}, got {vocab_size}**{length}")
     idx = torch.arange(vocab_size ** length)
@@ -57,7 +57,7 @@ class TransformerConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            _positive_int(getattr(self, name), name)
+            positive_int(name, getattr(self, name))
         if self.d_model % self.n_head:
             raise ValueError(f"d_model must be divisible by n_head, got {self.d_model} and {self.n_head}")
         if self.init not in INITS:
@@ -168,7 +168,7 @@ class CausalTransformer(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
         """Ancestral samples [n, T] (int64), one forward pass per position; ``temperature`` τ samples from
         softmax(ℓ_t/τ) (τ = 1 is the distribution ``log_prob`` scores)."""
-        n = _positive_int(n, "n")
+        n = positive_int("n", n)
         if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         x = torch.empty(n, 0, dtype=torch.long, device=self.device)

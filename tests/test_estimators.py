@@ -158,19 +158,19 @@ def test_verl_clamps_log_ratio_and_result():
 
 def test_verl_clamps_log_ratio_before_exp(monkeypatch):
     # The result clamp hides the log-ratio clamp in the output (both saturate at 10), so spy on the
-    # argument that reaches torch.exp: it must lie in [-20, 20].
+    # argument that reaches torch.expm1 (its k3 is expm1(lr) - lr): it must lie in [-20, 20].
     seen = []
-    real_exp = torch.exp
+    real_expm1 = torch.expm1
 
     def spy(t, *args, **kwargs):
         seen.append(t.detach().clone())
-        return real_exp(t, *args, **kwargs)
+        return real_expm1(t, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "exp", spy)
+    monkeypatch.setattr(torch, "expm1", spy)
     log_p, log_q = _pair([-30.0, 30.0, -60.0, 60.0, 2.0])
     got = kl.verl_low_var_kl(log_p, log_q)
     monkeypatch.undo()
-    assert seen, "verl_low_var_kl no longer calls torch.exp"
+    assert seen, "verl_low_var_kl no longer calls torch.expm1"
     args = torch.cat([a.reshape(-1) for a in seen])
     assert args.tolist() == [-20.0, 20.0, -20.0, 20.0, 2.0]
     np.testing.assert_allclose(got.numpy(), [10.0, 10.0, 10.0, 10.0, math.exp(2.0) - 3.0], rtol=1e-14)
