@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validate import check_float_tensor
+from ._validate import check_float_tensor, positive_int
 
 __all__ = ["token_kl", "BACKENDS"]
 
@@ -126,8 +126,7 @@ def token_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int = 16384, backen
     if logits_p.device != logits_q.device:
         raise ValueError(f"logits_p and logits_q must be on the same device, "
                          f"got {logits_p.device} and {logits_q.device}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = positive_int("chunk_size", chunk_size)
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -45,6 +45,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from estimators._validate import positive_int
 from estimators.diagnostics import pareto_khat
 
 from .usercode import UserCodeFailure, call_user
@@ -58,13 +59,6 @@ HOLDS, CAUGHT, UNVERIFIABLE, ASSUMPTION, SKIPPED = "holds", "caught", "unverifia
 #: Where an estimate's kurtosis κ is exact, its mean is tested only with N ≥ CLT_FACTOR·κ values, so that
 #: the excess kurtosis of the mean, (κ − 3)/N, is below 1/CLT_FACTOR.
 CLT_FACTOR = 100
-
-
-def positive_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int ≥ ``minimum`` (bools and other types rejected), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int ≥ {minimum}, got {value!r}")
-    return int(value)
 
 
 # --- streamed moments -----------------------------------------------------------------------------------------
