@@ -18,7 +18,6 @@ float64 log-probabilities.
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
@@ -28,20 +27,8 @@ from torch.distributions import Bernoulli
 
 from ._validate import positive_int
 
-__all__ = ["BinaryAutoregressive", "FVSBN", "NADE", "MADE", "all_binary_states", "nade_speedup"]
+__all__ = ["BinaryAutoregressive", "FVSBN", "NADE", "MADE"]
 
-MAX_ENUMERATION_DIM = 22
-
-
-def all_binary_states(dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """All 2^dim binary vectors [2^dim, dim] in counting order (row i is i in binary, dimension 0 the
-    most significant bit); ``dim`` ≤ 22."""
-    positive_int("dim", dim)
-    if dim > MAX_ENUMERATION_DIM:
-        raise ValueError(f"dim must be <= {MAX_ENUMERATION_DIM} to enumerate 2^dim states, got {dim}")
-    idx = torch.arange(2 ** dim)
-    shifts = torch.arange(dim - 1, -1, -1)
-    return ((idx[:, None] >> shifts) & 1).to(dtype)
 
 
 class BinaryAutoregressive(nn.Module):
@@ -219,23 +206,3 @@ class MADE(BinaryAutoregressive):
         for layer in self.layers[:-1]:
             h = torch.relu(layer(h))
         return self.layers[-1](h)
-
-
-@torch.no_grad()
-def nade_speedup(dim: int = 64, hidden: int = 256, n: int = 512, repeats: int = 5) -> tuple[float, float]:
-    """Best-of-``repeats`` wall seconds of NADE ``conditionals_naive`` (O(D²H)) and ``conditionals``
-    (O(DH)) on one batch of ``n`` random binary vectors: (t_naive, t_cached)."""
-    positive_int("repeats", repeats)
-    g = torch.Generator().manual_seed(0)
-    model = NADE(dim, hidden)
-    x = torch.randint(0, 2, (positive_int("n", n), dim), generator=g).float()
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(model.conditionals_naive), best(model.conditionals)

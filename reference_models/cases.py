@@ -23,7 +23,7 @@ from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceMode
 from .registry import register_case
 from .truth import RatioMoments, Truth, ratio_moments
 
-__all__ = ["RatioCase", "KLCase", "PairSample"]
+__all__ = ["RatioCase", "KLCase", "PairSample", "bimodal"]
 
 #: The tags of the cases that today's defaults run on: every gate and every report.
 DEFAULT_TAGS = ("gate", "report")
@@ -145,7 +145,11 @@ def _categorical_pair(vocab: int, top_k: int | None = None) -> tuple[Categorical
     return Categorical(policy if top_k is None else top_k_logits(policy, top_k)), Categorical(ref)
 
 
-_BIMODAL = dict(weights=[0.5, 0.5], locs=[-2.0, 2.0], scales=[0.5, 0.5])
+def bimodal() -> GaussianMixture:
+    """The course notes' bimodal mixture p = ½·N(−2, 0.5²) + ½·N(2, 0.5²)."""
+    return GaussianMixture(weights=[0.5, 0.5], locs=[-2.0, 2.0], scales=[0.5, 0.5])
+
+
 _BIMODAL_FIT_SCALE = math.sqrt(4.25)  # moment-matched Gaussian: variance 2² + 0.5²
 
 _register("gauss-shift-0.1", lambda: (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
@@ -160,9 +164,9 @@ _register("gauss-var-narrow-q", lambda: (Gaussian(0.0, 2.0), Gaussian(0.0, 1.0))
           "variance mismatch, q narrower: N(0,2²) ‖ N(0,1)")
 _register("gauss-100d-fullcov", _gauss_pair_100d,
           "100-dimensional full-covariance pair; log-densities near −150, like sequence log-probs")
-_register("bimodal-vs-gauss", lambda: (GaussianMixture(**_BIMODAL), Gaussian(0.0, _BIMODAL_FIT_SCALE)),
+_register("bimodal-vs-gauss", lambda: (bimodal(), Gaussian(0.0, _BIMODAL_FIT_SCALE)),
           "bimodal mixture ‖ its moment-matched Gaussian (the mode-covering, forward-KL fit)")
-_register("gauss-vs-bimodal", lambda: (Gaussian(0.0, _BIMODAL_FIT_SCALE), GaussianMixture(**_BIMODAL)),
+_register("gauss-vs-bimodal", lambda: (Gaussian(0.0, _BIMODAL_FIT_SCALE), bimodal()),
           "the moment-matched Gaussian ‖ the bimodal mixture (the other direction)")
 _register("uniform-support", lambda: (Uniform(0.0, 1.0), Uniform(0.0, 2.0)),
           "U(0,1) ‖ U(0,2), KL = log 2; q has mass outside p's support (the reverse direction is ∞)")

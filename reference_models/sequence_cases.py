@@ -29,8 +29,8 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Bernoulli
-from torch.distributions import Categorical as _Categorical
+
+from estimators.sequence import bernoulli_token_log_probs, categorical_token_log_probs
 
 from .bayesnet import DiscreteBayesNet
 from .cases import DEFAULT_TAGS, RatioCase
@@ -38,7 +38,7 @@ from .registry import register_case
 from .transformer import all_sequences
 from .truth import RatioMoments, Truth
 
-__all__ = ["SequenceSample", "SequenceTable", "SequenceKLCase", "Tempered", "TopK", "BayesNetAR", "token_log_probs",
+__all__ = ["SequenceSample", "SequenceTable", "SequenceKLCase", "Tempered", "TopK", "BayesNetAR",
            "enumerated_logits", "sequence_table", "sequence_moments", "expectation", "enumerated_truth"]
 
 _BATCH = 2 ** 15  # sequences per enumeration batch
@@ -58,11 +58,11 @@ class SequenceSample:
     logits_q: Tensor
 
 
-def token_log_probs(logits: Tensor, x: Tensor) -> Tensor:
+def _token_log_probs(logits: Tensor, x: Tensor) -> Tensor:
     """log p(x_t | x_<t) of the given tokens: Bernoulli logits [n, D] or categorical logits [n, T, V]."""
     if logits.dim() == 2:
-        return Bernoulli(logits=logits, validate_args=False).log_prob(x.to(logits.dtype))
-    return _Categorical(logits=logits, validate_args=False).log_prob(x.long())
+        return bernoulli_token_log_probs(logits, x)
+    return categorical_token_log_probs(logits, x.long())
 
 
 class Tempered(nn.Module):
@@ -222,11 +222,11 @@ def sequence_table(p, q, length: int, binary: bool, vocab: int = 2, eos: int | N
         states = states.double()
     logits_p, logits_q = (enumerated_logits(m, length, vocab, binary) for m in (p, q))
     mask = _mask(states, eos)
-    full_p = token_log_probs(logits_p, states)
+    full_p = _token_log_probs(logits_p, states)
     log_mass = full_p.sum(-1)
     live = log_mass > -math.inf  # states p can produce; the others never enter a sum or a draw
     log_p = torch.where(live[:, None], full_p, 0.0)
-    log_q = torch.where(live[:, None], token_log_probs(logits_q, states), 0.0)
+    log_q = torch.where(live[:, None], _token_log_probs(logits_q, states), 0.0)
     return SequenceTable(states, log_p, log_q, mask, logits_p, logits_q, log_mass,
                          torch.cumsum(torch.exp(log_mass), 0))
 

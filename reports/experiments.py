@@ -27,11 +27,12 @@ import torch  # noqa: E402
 from scipy import optimize, stats  # noqa: E402
 
 from reference_models import Gaussian, GaussianMixture, exact_kl  # noqa: E402
+from reference_models.cases import bimodal  # noqa: E402
 
 from .figures import save  # noqa: E402
 from .stats import positive_int  # noqa: E402
 
-__all__ = ["default_bimodal", "fit_gaussian_to_bimodal", "plot_bimodal_fits", "autoregressive_hypothesis_spaces",
+__all__ = ["fit_gaussian_to_bimodal", "plot_bimodal_fits", "autoregressive_hypothesis_spaces",
            "plot_hypothesis_spaces", "entropy_table", "code_length_table", "run_all", "FORWARD_LABEL",
            "REVERSE_LABEL"]
 
@@ -40,11 +41,6 @@ REVERSE_LABEL = "reverse KL(q‖p): mode seeking"
 
 
 # --- 1. forward vs reverse KL: one Gaussian fitted to a bimodal mixture -----------------------------------
-
-def default_bimodal() -> GaussianMixture:
-    """p = ½·N(−2, 0.5²) + ½·N(2, 0.5²)."""
-    return GaussianMixture(weights=[0.5, 0.5], locs=[-2.0, 2.0], scales=[0.5, 0.5])
-
 
 def _mixture_moments(p: GaussianMixture) -> tuple[float, float]:
     """Mean and variance of a 1-D mixture: μ = Σ w_k μ_k, σ² = Σ w_k (σ_k² + μ_k²) − μ²."""
@@ -84,7 +80,7 @@ def fit_gaussian_to_bimodal(mixture: GaussianMixture | None = None, *,
     (KL(p‖q) and KL(q‖p) at the optimum, :class:`~reference_models.Truth` with method and error bound);
     ``table`` is a pandas frame with one row per fit.
     """
-    p = default_bimodal() if mixture is None else mixture
+    p = bimodal() if mixture is None else mixture
     if not isinstance(p, GaussianMixture) or p.scales is None:
         raise ValueError(f"mixture must be a 1-D reference_models.GaussianMixture, got {p!r}")
     if reverse_start is None:

@@ -12,7 +12,7 @@ import torch
 from scipy import stats
 
 from reference_models import case_names, get_case
-from reference_models.sequence_cases import token_log_probs
+from estimators.sequence import bernoulli_token_log_probs, categorical_token_log_probs
 from reference_models.train import hmm_source, kl_source_model, load_checkpoint
 from reports.catalog import ESTIMATORS, KL_FORMS, EstimatorSpec, estimator_names, exact_moments, get_estimator
 from reports.gate import CAUGHT, HOLDS, UNVERIFIABLE, GateConfig, run_gate
@@ -33,7 +33,9 @@ def test_truth_is_an_exact_enumeration(name):
     x = case.table.states[rows]
     with torch.no_grad():  # the table (prefix trick, repeated rows) against the models on whole sequences
         for model, column in ((case.p, case.table.log_p), (case.q, case.table.log_q)):
-            direct = token_log_probs(model.conditionals(x).double(), x)
+            logits = model.conditionals(x).double()
+            direct = (bernoulli_token_log_probs(logits, x) if case.binary
+                      else categorical_token_log_probs(logits, x.long()))
             assert torch.allclose(column[rows], direct, atol=1e-10, rtol=0)
 
 

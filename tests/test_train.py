@@ -9,7 +9,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from reference_models.autoregressive import BinaryAutoregressive, all_binary_states
+from reference_models.autoregressive import BinaryAutoregressive
+from reference_models.transformer import all_sequences
 from reference_models.sources import HiddenMarkovModel
 from reference_models.train import (BAYESNET_PARENTS, CHECKPOINT_DIR, CURVE_POINTS, RECIPES, Recipe, binarized_digits,
                                     bayesnet_source, build_model, checkpoint_names, fingerprint, get_recipe,
@@ -56,7 +57,7 @@ def test_binary_checkpoints_are_normalized(checkpoints, name):
     model = checkpoints[name][0]
     assert isinstance(model, BinaryAutoregressive)
     with torch.no_grad():
-        total = copy.deepcopy(model).double().log_prob(all_binary_states(model.dim, torch.float64)).logsumexp(0).exp()
+        total = copy.deepcopy(model).double().log_prob(all_sequences(2, model.dim).double()).logsumexp(0).exp()
     assert float(total) == pytest.approx(1.0, abs=1e-9)
 
 
