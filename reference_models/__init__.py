@@ -12,7 +12,7 @@ complete once ``reference_models`` is.
 """
 from .autoregressive import FVSBN, MADE, NADE
 from .bayesnet import DiscreteBayesNet
-from .cases import KLCase, PairSample, RatioCase
+from .cases import KLCase, PairSample, RatioCase, register_kl_case
 from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceModel, Uniform, top_k_logits, zipf_logits
 from .latent import DiscreteLatent, GaussianClassConditional, LinearGaussian
 from .sequence_cases import SequenceKLCase, SequenceSample
@@ -23,7 +23,7 @@ from .sources import HiddenMarkovModel
 from .transformer import CausalTransformer, TransformerConfig
 from .truth import RatioMoments, Truth, exact_kl, ratio_moments, register_truth
 
-__all__ = ["KINDS", "case_names", "get_case", "register_case", "KLCase", "PairSample", "RatioCase", "SequenceKLCase",
+__all__ = ["KINDS", "case_names", "get_case", "register_case", "register_kl_case", "KLCase", "PairSample", "RatioCase", "SequenceKLCase",
            "SequenceSample", "MarginalCase", "discrete_case", "linear_gaussian_case", "Categorical", "Gaussian",
            "GaussianMixture", "ReferenceModel", "Uniform", "top_k_logits", "zipf_logits", "RatioMoments", "Truth",
            "exact_kl", "ratio_moments", "register_truth", "FVSBN", "NADE", "MADE", "CausalTransformer",

@@ -23,7 +23,7 @@ from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceMode
 from .registry import register_case
 from .truth import RatioMoments, Truth, ratio_moments
 
-__all__ = ["RatioCase", "KLCase", "PairSample", "bimodal"]
+__all__ = ["RatioCase", "KLCase", "PairSample", "register_kl_case", "bimodal"]
 
 #: The tags of the cases that today's defaults run on: every gate and every report.
 DEFAULT_TAGS = ("gate", "report")
@@ -109,12 +109,16 @@ class KLCase(RatioCase):
         return PairSample(lp, lq) if dtype is None else PairSample(lp.to(dtype), lq.to(dtype))
 
 
-def _register(name: str, pair: Callable[[], tuple[ReferenceModel, ReferenceModel]], description: str) -> None:
+def register_kl_case(name: str, pair: Callable[[], tuple[ReferenceModel, ReferenceModel]], description: str,
+                     tags: tuple[str, ...] = DEFAULT_TAGS) -> None:
+    """Register the KL case ``name``: ``pair()`` builds (p, q) on first use, and the exact KL and ratio
+    moments come from :func:`reference_models.truth.ratio_moments` (a ValueError there says when no exact
+    method covers the pair)."""
     def build() -> KLCase:
         p, q = pair()
-        return KLCase(name, p, q, ratio_moments(p, q), description, DEFAULT_TAGS)
+        return KLCase(name, p, q, ratio_moments(p, q), description, tuple(tags))
 
-    register_case(name, build, kind="kl", tags=DEFAULT_TAGS, description=description)
+    register_case(name, build, kind="kl", tags=tags, description=description)
 
 
 def _gauss_pair_100d() -> tuple[Gaussian, Gaussian]:
@@ -152,29 +156,29 @@ def bimodal() -> GaussianMixture:
 
 _BIMODAL_FIT_SCALE = math.sqrt(4.25)  # moment-matched Gaussian: variance 2² + 0.5²
 
-_register("gauss-shift-0.1", lambda: (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
-          "Schulman's first case: N(0,1) ‖ N(0.1,1), KL = 0.005")
-_register("gauss-shift-1", lambda: (Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)),
-          "Schulman's second case: N(0,1) ‖ N(1,1), KL = 0.5")
-_register("near-identical", lambda: (Gaussian(0.0, 1.0), Gaussian(math.sqrt(2e-4), 1.0)),
-          "N(0,1) ‖ N(0.01414,1), KL = 1e-4: k1 is almost all noise")
-_register("gauss-var-wide-q", lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 2.0)),
-          "variance mismatch, q wider: N(0,1) ‖ N(0,2²); E_p[r²] = ∞")
-_register("gauss-var-narrow-q", lambda: (Gaussian(0.0, 2.0), Gaussian(0.0, 1.0)),
-          "variance mismatch, q narrower: N(0,2²) ‖ N(0,1)")
-_register("gauss-100d-fullcov", _gauss_pair_100d,
-          "100-dimensional full-covariance pair; log-densities near −150, like sequence log-probs")
-_register("bimodal-vs-gauss", lambda: (bimodal(), Gaussian(0.0, _BIMODAL_FIT_SCALE)),
-          "bimodal mixture ‖ its moment-matched Gaussian (the mode-covering, forward-KL fit)")
-_register("gauss-vs-bimodal", lambda: (Gaussian(0.0, _BIMODAL_FIT_SCALE), bimodal()),
-          "the moment-matched Gaussian ‖ the bimodal mixture (the other direction)")
-_register("uniform-support", lambda: (Uniform(0.0, 1.0), Uniform(0.0, 2.0)),
-          "U(0,1) ‖ U(0,2), KL = log 2; q has mass outside p's support (the reverse direction is ∞)")
-_register("vocab-50k", lambda: _categorical_pair(50257),
-          "next-token policy ‖ reference over a GPT-2-sized vocabulary (50,257), Zipf-like logits")
-_register("vocab-200k", lambda: _categorical_pair(200_000),
-          "next-token policy ‖ reference over a 200,000-token vocabulary, Zipf-like logits")
-_register("vocab-50k-top-k", lambda: _categorical_pair(50257, top_k=50),
-          "top-k (k = 50) truncated policy ‖ untruncated reference: q has mass outside p's support")
-_register("heavy-ratio", lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 0.3)),
-          "N(0,1) ‖ N(0,0.3²): |log q/p| > 20 with probability ≈ 4%, where production clamps bite")
+register_kl_case("gauss-shift-0.1", lambda: (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
+                 "Schulman's first case: N(0,1) ‖ N(0.1,1), KL = 0.005")
+register_kl_case("gauss-shift-1", lambda: (Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)),
+                 "Schulman's second case: N(0,1) ‖ N(1,1), KL = 0.5")
+register_kl_case("near-identical", lambda: (Gaussian(0.0, 1.0), Gaussian(math.sqrt(2e-4), 1.0)),
+                 "N(0,1) ‖ N(0.01414,1), KL = 1e-4: k1 is almost all noise")
+register_kl_case("gauss-var-wide-q", lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 2.0)),
+                 "variance mismatch, q wider: N(0,1) ‖ N(0,2²); E_p[r²] = ∞")
+register_kl_case("gauss-var-narrow-q", lambda: (Gaussian(0.0, 2.0), Gaussian(0.0, 1.0)),
+                 "variance mismatch, q narrower: N(0,2²) ‖ N(0,1)")
+register_kl_case("gauss-100d-fullcov", _gauss_pair_100d,
+                 "100-dimensional full-covariance pair; log-densities near −150, like sequence log-probs")
+register_kl_case("bimodal-vs-gauss", lambda: (bimodal(), Gaussian(0.0, _BIMODAL_FIT_SCALE)),
+                 "bimodal mixture ‖ its moment-matched Gaussian (the mode-covering, forward-KL fit)")
+register_kl_case("gauss-vs-bimodal", lambda: (Gaussian(0.0, _BIMODAL_FIT_SCALE), bimodal()),
+                 "the moment-matched Gaussian ‖ the bimodal mixture (the other direction)")
+register_kl_case("uniform-support", lambda: (Uniform(0.0, 1.0), Uniform(0.0, 2.0)),
+                 "U(0,1) ‖ U(0,2), KL = log 2; q has mass outside p's support (the reverse direction is ∞)")
+register_kl_case("vocab-50k", lambda: _categorical_pair(50257),
+                 "next-token policy ‖ reference over a GPT-2-sized vocabulary (50,257), Zipf-like logits")
+register_kl_case("vocab-200k", lambda: _categorical_pair(200_000),
+                 "next-token policy ‖ reference over a 200,000-token vocabulary, Zipf-like logits")
+register_kl_case("vocab-50k-top-k", lambda: _categorical_pair(50257, top_k=50),
+                 "top-k (k = 50) truncated policy ‖ untruncated reference: q has mass outside p's support")
+register_kl_case("heavy-ratio", lambda: (Gaussian(0.0, 1.0), Gaussian(0.0, 0.3)),
+                 "N(0,1) ‖ N(0,0.3²): |log q/p| > 20 with probability ≈ 4%, where production clamps bite")
