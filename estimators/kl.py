@@ -158,7 +158,8 @@ def _scaled_expm1(x: Tensor, log_s: Tensor, lam: Tensor | float = 1.0) -> Tensor
     :math:`(\lambda e^h) e^h - \lambda e^{-L}` with h = (x - L)/2, so e^x itself never overflows."""
     h = (x.clamp_min(700) - log_s) / 2
     big = (lam * torch.exp(h)) * torch.exp(h) - lam * torch.exp(-log_s)
-    return torch.where(x > 700, big, lam * torch.expm1(x.clamp_max(700)) * torch.exp(-log_s))
+    # (e^x - 1)·e^-L first: it is at most ~1, where λ·(e^x - 1) alone can overflow before e^-L takes it back
+    return torch.where(x > 700, big, lam * (torch.expm1(x.clamp_max(700)) * torch.exp(-log_s)))
 
 
 def _lambda_times_y(cov: Tensor, var: Tensor, others_yy: Tensor, t: Tensor, x: Tensor, log_s: Tensor) -> Tensor:

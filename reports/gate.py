@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 import torch
@@ -127,19 +128,9 @@ def _gate_chunk(chunk: Chunk, case_name: str, specs: tuple[EstimatorSpec, ...], 
     case = get_case(case_name)
     sample = case.draw(chunk.size, chunk.generator(case.device), dtype=dtype)
     log_r, cv, scale = _ratio_terms(sample, case.kind == "sequence")
-    out = []
-    for spec in specs:
-        try:
-            v = per_sample_estimates(spec, sample, timeout)
-        except Finding as finding:
-            out.append((finding, {}))
-            continue
-        d = v + log_r
-        khat = {}
-        if pilot and case.diagnose_tails:
-            khat = {"v": stats.tail_khat(v), "d": stats.tail_khat(d)}
-        out.append((Moments.of(v=v, d=d, c=cv, a=scale), khat))
-    return out
+    return stats.outcomes([partial(per_sample_estimates, spec, sample, timeout) for spec in specs],
+                          lambda v: dict(v=v, d=v + log_r, c=cv, a=scale),
+                          ("v", "d") if pilot and case.diagnose_tails else ())
 
 
 def _ratio_terms(sample, sequence: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,8 +178,7 @@ class _CaseJob:
 
     def absorb(self, index: int, result) -> None:
         for cell, (outcome, khat) in zip(self._running, result):
-            cell.take(outcome)
-            cell.khat.update(khat)
+            cell.take(outcome, khat)
             if index == 0 and cell.open:
                 self._plan(cell)
 

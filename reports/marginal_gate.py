@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 import torch
@@ -129,18 +130,10 @@ def _marginal_chunk(chunk: Chunk, case_name: str, k: int, specs: tuple[Estimator
     log_w = case.draw_log_w((chunk.size,), k, chunk.generator())
     base = marginal.log_mean_exp(log_w)
     cv = marginal.marginal_ratio(log_w, log_p) - 1
-    out = []
-    for spec in specs:
-        try:
-            v = per_sample_estimates(spec, log_w, timeout)
-        except Finding as finding:
-            out.append((finding, {}))
-            continue
-        series = dict(below=v - base, above=v + base - 2 * log_p - 2 * cv, bias=v - log_p - cv,
-                      baseline=base - log_p - cv)
-        khat = {key: stats.tail_khat(series[key]) for key in _SERIES[:3]} if pilot else {}
-        out.append((Moments.of(**series), khat))
-    return out
+    return stats.outcomes([partial(per_sample_estimates, spec, log_w, timeout) for spec in specs],
+                          lambda v: dict(below=v - base, above=v + base - 2 * log_p - 2 * cv, bias=v - log_p - cv,
+                                         baseline=base - log_p - cv),
+                          _SERIES[:3] if pilot else ())
 
 
 @dataclass
@@ -170,8 +163,7 @@ class _CaseKJob:
 
     def absorb(self, index: int, result) -> None:
         for cell, (outcome, khat) in zip(self._running, result):
-            cell.take(outcome)
-            cell.khat.update(khat)
+            cell.take(outcome, khat)
             if not cell.open:
                 continue
             self._plan(cell)

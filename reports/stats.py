@@ -52,7 +52,7 @@ from .usercode import UserCodeFailure, call_user
 
 __all__ = ["HOLDS", "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED", "CLT_FACTOR", "Moments", "critical_z",
            "power_z", "z_score", "required_n", "detectable", "tail_khat", "Finding", "evaluate", "require_finite", "chunk_seed", "seeded",
-           "Chunk", "chunk_sizes", "Task", "Job", "Executor", "LocalExecutor", "run_jobs", "positive_int"]
+           "outcomes", "Chunk", "chunk_sizes", "Task", "Job", "Executor", "LocalExecutor", "run_jobs", "positive_int"]
 
 HOLDS, CAUGHT, UNVERIFIABLE, ASSUMPTION, SKIPPED = "holds", "caught", "unverifiable", "assumption", "skipped"
 
@@ -272,6 +272,22 @@ def run_jobs(jobs: Sequence[Job], executor: Executor | None = None, desc: str = 
             index += 1
 
 
+def outcomes(estimates: Iterable[Callable[[], Tensor]], series: Callable[[Tensor], dict[str, Tensor]],
+             khat_of: tuple[str, ...] = ()) -> list[tuple["Moments | Finding", dict[str, float]]]:
+    """Per estimator, on one chunk: the moments of the ``series`` built from its estimates (each
+    ``estimates`` item computes them or raises a Finding), with the Pareto k̂ of the series named in
+    ``khat_of``; or its Finding."""
+    out = []
+    for estimate in estimates:
+        try:
+            values = series(estimate())
+        except Finding as finding:
+            out.append((finding, {}))
+            continue
+        out.append((Moments.of(**values), {key: tail_khat(values[key]) for key in khat_of}))
+    return out
+
+
 @dataclass
 class Cell:
     """A (estimator, target) cell's streamed state: its moments, pilot diagnostics and any verdict reached
@@ -286,8 +302,10 @@ class Cell:
     def open(self) -> bool:
         return self.verdict is None
 
-    def take(self, outcome: "Moments | Finding") -> None:
-        """Absorb one chunk's outcome: its moments, or the finding that closes the cell as caught."""
+    def take(self, outcome: "Moments | Finding", khat: dict[str, float]) -> None:
+        """Absorb one chunk's outcome (:func:`outcomes`): its moments and k̂, or the finding that closes the
+        cell as caught."""
+        self.khat.update(khat)
         if not self.open:
             return
         if isinstance(outcome, Finding):
