@@ -14,7 +14,7 @@ from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from reference_models import get_case  # noqa: E402
 
-from .catalog import ESTIMATORS, exact_moments, get_estimator  # noqa: E402
+from .catalog import get_estimator  # noqa: E402
 from .stats import seeded  # noqa: E402
 
 DPI = 110

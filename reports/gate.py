@@ -116,15 +116,12 @@ def run_gate(specs: list[EstimatorSpec], cases: list[str] | None = None, config:
     return GateResult(frame, config)
 
 
-#: The series the gate streams per sample: the estimate v, what it adds to k1 (d = v − k1 = v + log r),
-#: the control variate c = r − 1, and a = |log p| + |log q| (the scale of the inputs' rounding).
-_SERIES = ("v", "d", "c", "a")
-
-
 def _gate_chunk(chunk: Chunk, case_name: str, specs: tuple[EstimatorSpec, ...], dtype: torch.dtype,
                 timeout: float | None, pilot: bool) -> list[tuple[Moments | Finding, dict]]:
-    """One chunk of one case for each of ``specs``: their moments (and, from the pilot, the k̂ of v and d),
-    or the finding that closes the cell."""
+    """One chunk of one case for each of ``specs``: the moments of the series the gate streams per sample, the
+    estimate v, what it adds to k1 (d = v − k1 = v + log r), the control variate c = r − 1 and
+    a = |log p| + |log q| (the scale of the inputs' rounding); from the pilot, the k̂ of v and d. Or the
+    finding that closes the cell."""
     case = get_case(case_name)
     sample = case.draw(chunk.size, chunk.generator(case.device), dtype=dtype)
     log_r, cv, scale = _ratio_terms(sample, case.kind == "sequence")

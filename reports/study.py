@@ -102,7 +102,11 @@ class _Cell:
         per_chunk = CHUNK_ELEMENTS // (n if case.kind == "marginal" else n * case.event_numel)
         self.sizes = stats.chunk_sizes(replicates, per_chunk)
         self.results: list = []
-        self.row: dict | None = cache.load(self.key(), self.label()) if cache is not None else None
+        self.row: dict | None = None
+        if cache is not None:  # keyed by all the row depends on: the estimator (its code), the case, the sizes, the seed
+            self.key = fingerprint(spec, case.name, case.description, n, replicates, seed, CHUNK_ELEMENTS)
+            self.label = f"{case.name}__{spec.name}__n{n}__r{replicates}__s{seed}"
+            self.row = cache.load(self.key, self.label)
 
     def task(self, index: int) -> Task | None:
         if self.row is not None or index >= len(self.sizes):
@@ -118,7 +122,7 @@ class _Cell:
         if index == len(self.sizes) - 1:
             self.row = self._marginal_row() if self.case.kind == "marginal" else self._kl_row()
             if self.cache is not None:
-                self.cache.store(self.key(), self.label(), self.row)
+                self.cache.store(self.key, self.label, self.row)
 
     def _kl_row(self) -> dict:
         case, spec, n, replicates = self.case, self.spec, self.n, self.replicates
@@ -150,13 +154,6 @@ class _Cell:
             rmse=float(np.sqrt(np.mean((v - truth) ** 2))), theory_first=first, theory_second=second,
             khat=self.results[0][3], ess=float(ess.mean()), nonfinite=int((~np.isfinite(v)).sum()))
 
-    def key(self) -> str:
-        """Everything the row depends on: the estimator (its code), the case, the size, replicates and seed."""
-        return fingerprint(self.spec, self.case.name, self.case.description, self.n, self.replicates, self.seed,
-                           CHUNK_ELEMENTS)
-
-    def label(self) -> str:
-        return f"{self.case.name}__{self.spec.name}__n{self.n}__r{self.replicates}__s{self.seed}"
 
 
 def _skip_reason(case, spec: EstimatorSpec) -> str | None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from estimators import marginal
 from reports.cli import main
 from reports.marginal_bugs import PLANTED
 from reports.catalog import EstimatorSpec, get_estimator

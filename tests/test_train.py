@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from reference_models.autoregressive import BinaryAutoregressive
-from reference_models.transformer import all_sequences
 from reference_models.sources import HiddenMarkovModel
 from reference_models.train import (BAYESNET_PARENTS, CHECKPOINT_DIR, CURVE_POINTS, RECIPES, Recipe, binarized_digits,
                                     bayesnet_source, build_model, checkpoint_names, fingerprint, get_recipe,
