@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from .usercode import SignatureMismatch, abandoned
 
 EXIT_OK, EXIT_CAUGHT, EXIT_USAGE = 0, 1, 2
 DEFAULT_TIMEOUT = 60.0  # seconds per call of a gated estimator (one chunk of up to 2^21 samples)
+#: Set in the child process that runs a gate: the file where it leaves its exit status once it has a verdict.
+GATE_STATUS = "ESTBENCH_GATE_STATUS"
 
 
 class UsageError(Exception):
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, SignatureMismatch) as err:
         print(f"estbench {args.command}: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
+    if args.command == "gate" and os.environ.get(GATE_STATUS):
+        Path(os.environ[GATE_STATUS]).write_text(str(code))
     if abandoned():  # a user call still runs in a thread: torch code at interpreter shutdown could crash
         sys.stdout.flush()
         sys.stderr.flush()
@@ -215,6 +221,8 @@ def _gate(args) -> int:
             config = MarginalGateConfig(seed=args.seed, alpha=args.alpha, timeout=timeout)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    if not os.environ.get(GATE_STATUS):
+        return _gate_in_child(args, name)
     result = (run_gate if args.kl else run_marginal_gate)([spec], cases, config, progress=True)
     print(result.table())
     counts = result.frame.verdict.value_counts().to_dict()
@@ -234,6 +242,21 @@ def _gate(args) -> int:
              else "is no more biased than log_mean_exp on every verifiable check")
     print(f"HOLDS: {name} {holds}.")
     return EXIT_OK
+
+
+def _gate_in_child(args, name: str) -> int:
+    """The same gate in a child process, so that an estimator that ends its process (``os._exit``, a crash)
+    ends the child, never this verdict: a child that exits without leaving its status is caught."""
+    with tempfile.TemporaryDirectory() as folder:
+        status = Path(folder) / "status"
+        child = subprocess.run([sys.executable, "-m", "reports.cli", *args.argv],
+                               env={**os.environ, GATE_STATUS: str(status)})
+        left = status.read_text() if status.exists() else None
+    if left == str(child.returncode):
+        return child.returncode
+    print(f"CAUGHT: {name} ended the gate's process (exit status {child.returncode}) before it reached a verdict: "
+          "os._exit or a crash in the estimator.")
+    return EXIT_CAUGHT
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ callback). Whatever that code does, the caller gets one of three outcomes:
   estimator of that form gets.
 
 No exception from user code, ``SystemExit`` and ``KeyboardInterrupt`` included, reaches the caller as
-itself. Out of reach: a function that calls ``os._exit`` or crashes the interpreter (that would need a
-subprocess per call), and a thread it starts itself.
+itself. Out of reach here: a function that calls ``os._exit`` or crashes the interpreter (``estbench gate``
+therefore runs the gate in a child process and catches a child that ends without a verdict), and a thread it
+starts itself.
 """
 
 from __future__ import annotations

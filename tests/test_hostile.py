@@ -20,6 +20,7 @@ from reports.study import StudyConfig, run_study
 ROOT = Path(__file__).resolve().parents[1]
 
 USER = textwrap.dedent('''
+    import os
     import sys
     import time
 
@@ -28,6 +29,10 @@ USER = textwrap.dedent('''
 
     def exits(log_p, log_q):
         sys.exit(0)
+
+
+    def ends_the_process(log_p, log_q):
+        os._exit(0)
 
 
     def hangs(log_p, log_q):
@@ -70,6 +75,13 @@ def test_sys_exit_is_caught_not_a_pass(user_module):
     out, _ = _gate(user_module, "--kl", "user_estimators:exits", *SMALL)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "called sys.exit(0)" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("CAUGHT")
+
+
+def test_ending_the_process_is_caught_not_a_pass(user_module):
+    """os._exit skips every handler: the gate runs in a child process, and a child without a verdict is caught."""
+    out, _ = _gate(user_module, "--kl", "user_estimators:ends_the_process", *SMALL)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1].startswith("CAUGHT: user_estimators:ends_the_process ended the gate's")
 
 
 def test_a_hang_is_caught_within_the_timeout(user_module):
