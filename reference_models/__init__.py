@@ -17,13 +17,14 @@ from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceMode
 from .latent import DiscreteLatent, GaussianClassConditional, LinearGaussian
 from .sequence_cases import SequenceKLCase, SequenceSample
 from .marginal_cases import MarginalCase
+from .gradient_cases import GradientCase, GradientSample
 from .latent_cases import discrete_case, linear_gaussian_case
 from .registry import KINDS, case_names, get_case, register_case
 from .sources import HiddenMarkovModel
 from .transformer import CausalTransformer, TransformerConfig
 from .truth import RatioMoments, Truth, exact_kl, ratio_moments, register_truth
 
-__all__ = ["KINDS", "case_names", "get_case", "register_case", "register_kl_case", "KLCase", "PairSample", "RatioCase", "SequenceKLCase",
+__all__ = ["GradientCase", "GradientSample", "KINDS", "case_names", "get_case", "register_case", "register_kl_case", "KLCase", "PairSample", "RatioCase", "SequenceKLCase",
            "SequenceSample", "MarginalCase", "discrete_case", "linear_gaussian_case", "Categorical", "Gaussian",
            "GaussianMixture", "ReferenceModel", "Uniform", "top_k_logits", "zipf_logits", "RatioMoments", "Truth",
            "exact_kl", "ratio_moments", "register_truth", "FVSBN", "NADE", "MADE", "CausalTransformer",

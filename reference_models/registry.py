@@ -12,7 +12,9 @@ and ``draw(size, generator, dtype=None)``, the sample an estimator sees (KL and 
 
 - ``"kl"``: a pair of distributions, the exact KL(p‖q) and ratio moments (``reference_models.cases``);
 - ``"sequence"``: a pair of autoregressive models, every sequence enumerated (``reference_models.sequence_cases``);
-- ``"marginal"``: log importance weights with the exact log p(x) (``reference_models.marginal_cases``).
+- ``"marginal"``: log importance weights with the exact log p(x) (``reference_models.marginal_cases``);
+- ``"gradient"``: a policy, a reference and a behaviour policy with the exact ∇θ KL in both directions
+  (``reference_models.gradient_cases``).
 
 Tags select subsets: ``"gate"``, the cases a gate runs on by default; ``"report"``, those the report studies.
 """
@@ -24,7 +26,7 @@ from typing import Callable, Iterable
 
 __all__ = ["KINDS", "register_case", "case_names", "get_case"]
 
-KINDS = ("kl", "sequence", "marginal")
+KINDS = ("kl", "sequence", "marginal", "gradient")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ names. Forms:
   token-level moments make the expectations below hold unchanged);
 - ``"sequence"``: ``fn(log_p, log_q, mask) -> [B]`` on the per-token log-probs [B, T];
 - ``"logits"``: ``fn(logits_p, logits_q, mask) -> [B]`` on both models' next-step logits (Rao-Blackwell);
-- ``"log_weights"``: ``fn(log_w[..., K]) -> log p̂[...]``, an estimator of a log marginal likelihood.
+- ``"log_weights"``: ``fn(log_w[..., K]) -> log p̂[...]``, an estimator of a log marginal likelihood;
+- ``"loss"``: ``fn(log_p, log_q, log_p_old, mask) -> loss[B]``, a KL loss whose expected gradient should be
+  ∇θ KL(p_θ‖q) (``estimators.kl_losses``), run on the gradient cases by ``reports.grad_gate``.
 
 The expectation of a KL estimator is written in terms of a case's exact ratio moments (see
 ``reference_models.truth``): ``None`` where it is not known exactly (the control variate and the reverse
@@ -27,22 +29,24 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from estimators import kl, marginal, sequence
+from estimators import kl, kl_losses, marginal, sequence
 from reference_models import SequenceSample, Truth
 from reference_models.sequence_cases import enumerated_truth, expectation
 
 from . import stats
+from .usercode import UserCodeFailure, call_user
 
 __all__ = ["FORMS", "KL_FORMS", "KL_KINDS", "TARGETS", "EstimatorSpec", "ESTIMATORS", "register_estimator", "get_estimator",
-           "estimator_names", "per_sample_estimates", "exact_moments"]
+           "estimator_names", "per_sample_estimates", "per_sample_gradients", "exact_gradient_kurtosis", "exact_moments"]
 
-FORMS = ("token", "sequence", "logits", "log_weights")
+FORMS = ("token", "sequence", "logits", "log_weights", "loss")
 KL_FORMS = FORMS[:3]  # the forms of KL estimators
 KL_KINDS = ("kl", "sequence")  # the kinds of case a KL estimator runs on
-TARGETS = ("kl", "reverse_kl", "log_marginal")
+TARGETS = ("kl", "reverse_kl", "log_marginal", "grad_kl")
 
 _ARGUMENTS = {"token": ("log_p", "log_q"), "sequence": ("log_p", "log_q", "mask"),
-              "logits": ("logits_p", "logits_q", "mask"), "log_weights": ("log_w",)}
+              "logits": ("logits_p", "logits_q", "mask"), "log_weights": ("log_w",),
+              "loss": ("log_p", "log_q", "log_p_old", "mask")}
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,9 @@ class EstimatorSpec:
     r = q/p, so it needs E_p[r] = 1 and has finite variance iff E_p[r²] < ∞; ``couples_samples``: mixes the
     samples of one estimate (leave-one-out λ), so it has no per-token use; ``expectation(case)``: its exact
     E[estimate] (default: the target's value for a KL estimator, unknown for a log-marginal one);
-    ``clamps``: the estimator a production variant clamps; ``enumerated``: the gate sizes its cells on a
-    sequence case from its exact per-sequence kurtosis (:func:`exact_moments`); ``min_k``: the fewest weights a log-marginal
+    ``clamps``: the estimator a production variant clamps; ``enumerated``: the gates size its cells on a
+    sequence or enumerable gradient case from its exact kurtosis (:func:`exact_moments`,
+    :func:`exact_gradient_kurtosis`) instead of a pilot's tail estimate; ``min_k``: the fewest weights a log-marginal
     estimator takes; ``theory(case, K)``: its predicted bias to (first, second) order, None where the case
     lacks the moments."""
 
@@ -80,18 +85,18 @@ class EstimatorSpec:
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
         if self.target is None:
-            object.__setattr__(self, "target", "log_marginal" if self.form == "log_weights" else "kl")
+            object.__setattr__(self, "target", {"log_weights": "log_marginal", "loss": "grad_kl"}.get(self.form, "kl"))
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         stats.positive_int("min_k", self.min_k)
 
     def applies(self, case) -> bool:
         """Whether the estimator can run on ``case`` at all."""
-        if (case.kind == "marginal") != (self.form == "log_weights"):
+        if (case.kind == "marginal") != (self.form == "log_weights") or (case.kind == "gradient") != (self.form == "loss"):
             return False
         if case.kind == "sequence":
             return not self.couples_samples
-        return case.kind == "marginal" or self.form == "token"
+        return case.kind in ("marginal", "gradient") or self.form == "token"
 
     def target_truth(self, case):
         """The exact value this estimator targets on ``case`` (a Truth)."""
@@ -185,6 +190,20 @@ for _spec in [
     register_estimator(_spec)
 
 
+# KL losses: the expected gradient E_{x~p_old}[∇θ loss] against ∇θ KL(p_θ‖q). ``unbiased``: on- and off-policy.
+for _name, _label in [
+    ("k1_loss", "Σ k1_t as a loss"), ("k2_loss", "Σ k2_t as a loss"), ("k3_loss", "Σ k3_t as a loss (GRPO, TRL)"),
+    ("low_var_kl_loss", "verl low_var_kl as a loss"), ("k3_k2_straight_through", "k3 value, k2 gradient (OpenRLHF #1101)"),
+    ("k1_reward_per_token", "REINFORCE, per-token k1 reward"), ("k1_reward_to_go", "REINFORCE, k1 return to go"),
+    ("k1_reward_sequence", "REINFORCE, whole-sequence k1"), ("k2_sequence_loss", "whole-sequence k2 as a loss"),
+    ("is_k3_detached", "sg(p_t/p_old,t)·k3_t (OpenRLHF #1309)"), ("is_k3_token", "(p_t/p_old,t)·k3_t (DeepSeek-V3.2)"),
+    ("is_reinforce", "w·sg(Σ k1_t), w = p/p_old"), ("is_k2_sequence", "sg(w)·(Σ k1_t)²/2"),
+    ("is_k3_sequence", "w·Σ k3_t"),
+]:
+    register_estimator(EstimatorSpec(_name, getattr(kl_losses, _name), _label, form="loss", enumerated=True,
+                                     unbiased=_name in ("is_reinforce", "is_k2_sequence", "is_k3_sequence")))
+
+
 def get_estimator(name: str) -> EstimatorSpec:
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")
@@ -214,6 +233,51 @@ def per_sample_estimates(spec: EstimatorSpec, sample, timeout: float | None = No
     if isinstance(sample, SequenceSample) and spec.form == "token":
         out = torch.where(sample.mask, out, 0.0).sum(-1)
     return stats.require_finite(out) if finite else out
+
+
+def _loss_gradient(outputs: tuple[Tensor, Tensor]) -> Tensor | None:
+    loss, log_p = outputs
+    return torch.autograd.grad(loss.sum(), log_p, allow_unused=True)[0] if loss.requires_grad else None
+
+
+def per_sample_gradients(spec: EstimatorSpec, sample, timeout: float | None = None) -> tuple[Tensor, Tensor]:
+    """A loss's gradient projected on the case's directions, per sample, float64 [B, K]:
+    d_k = Σ_t ∂loss/∂log p_t · jvp_t,k (the gradient of Σ_b loss_b, so a loss that couples the batch's samples
+    is measured as the batch-mean loss it is), and a = Σ_t |∂loss/∂log p_t| · max_k |jvp_t,k|, the scale of its
+    rounding. The loss call and its backward pass are user code (``call_user``); a wrong shape, a non-finite loss
+    or gradient is a ``stats.Finding``. A loss that does not depend on ``log_p`` has gradient 0."""
+    log_p = sample.log_p.detach().clone().requires_grad_(True)
+    args = (log_p, sample.log_q, sample.log_p_old, sample.mask)
+    with torch.enable_grad():
+        loss = stats.evaluate(spec.fn, args, _ARGUMENTS["loss"], tuple(sample.mask.shape[:1]), timeout,
+                              keep_graph=True)
+        try:
+            grad = call_user(_loss_gradient, ((loss, log_p),), names=("backward",), timeout=timeout)
+        except UserCodeFailure as err:
+            raise stats.Finding(f"its backward pass {err}") from err
+    s = torch.zeros_like(sample.log_p, dtype=torch.float64) if grad is None else grad.detach().double()
+    stats.require_finite(s)
+    return torch.einsum("bt,btk->bk", s, sample.jvp), (s.abs() * sample.jvp.abs().amax(-1)).sum(-1)
+
+
+@lru_cache(maxsize=None)
+def exact_gradient_kurtosis(spec: EstimatorSpec, case) -> float | None:
+    """The exact kurtosis κ = μ₄/σ⁴ of a loss's projected gradients d_0 and d_1 (the larger) under p_old, over a
+    gradient case's enumeration (its log-probs rounded to float32, as the gate hands them); None where the case
+    has no enumeration or a variance is 0."""
+    enumerated = case.enumeration()
+    if enumerated is None:
+        return None
+    sample, w = enumerated
+    d, _ = per_sample_gradients(spec, sample.to(torch.float32))
+    kappas = []
+    for k in (0, 1):
+        c = d[:, k] - expectation(w, d[:, k])
+        var = expectation(w, c * c)
+        if var <= 0:
+            return None
+        kappas.append(expectation(w, c ** 4) / var ** 2)
+    return max(kappas)
 
 
 @lru_cache(maxsize=None)

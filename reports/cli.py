@@ -73,11 +73,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="recompute every cell instead of reusing the finished ones in DIR/cells")
     report.set_defaults(func=_report)
 
-    gate = sub.add_parser("gate", help="gate a user's estimator against every KL case; exit 1 if it is caught")
+    gate = sub.add_parser("gate", help="gate a user's estimator (or KL loss) against every case; exit 1 if it is caught")
     which = gate.add_mutually_exclusive_group(required=True)
     which.add_argument("--kl", metavar="MODULE:FUNCTION", help="f(log_p, log_q) -> per-sample KL(p||q) estimates")
     which.add_argument("--marginal", metavar="MODULE:FUNCTION",
                        help="f(log_w[..., K]) -> log p_hat[...] (uses --cases, --seed, --alpha)")
+    which.add_argument("--grad", metavar="MODULE:FUNCTION",
+                       help="a KL loss f(log_p, log_q, log_p_old, mask) -> loss[B]: is E_{x~p_old}[grad loss] the "
+                            "exact grad KL(p_theta||q)? On the gradient cases, on- and off-policy")
     gate.add_argument("--cases", nargs="+", metavar="CASE", help="cases (default: all)")
     gate.add_argument("--seed", type=int, default=0)
     gate.add_argument("--alpha", type=float, default=1e-4, help="false-alarm rate of the whole run (%(default)s)")
@@ -204,33 +207,35 @@ def load_function(spec: str):
 def _gate(args) -> int:
     from .catalog import EstimatorSpec
     from .gate import GateConfig, run_gate
+    from .grad_gate import run_grad_gate
     from .marginal_gate import MarginalGateConfig, run_marginal_gate
 
-    name = args.kl or args.marginal
-    form = "token" if args.kl else "log_weights"
+    name = args.kl or args.marginal or args.grad
+    form, kinds, what = (("token", KL_KINDS, "case") if args.kl else ("log_weights", "marginal", "marginal case")
+                         if args.marginal else ("loss", "gradient", "gradient case"))
     spec = EstimatorSpec(name, load_function(name), form=form)
-    kinds = KL_KINDS if args.kl else "marginal"
     default = case_names(kind=kinds, tag="gate")
-    cases = list(_check_names(args.cases or default, case_names(kind=kinds), "case" if args.kl else "marginal case"))
+    cases = list(_check_names(args.cases or default, case_names(kind=kinds), what))
     timeout = args.timeout or None
     try:
-        if args.kl:
+        if args.marginal:
+            config = MarginalGateConfig(seed=args.seed, alpha=args.alpha, timeout=timeout)
+        else:
             config = GateConfig(seed=args.seed, alpha=args.alpha, rel_bias=args.rel_bias, timeout=timeout,
                                 chunk=min(GateConfig.chunk, args.max_budget), max_budget=args.max_budget)
-        else:
-            config = MarginalGateConfig(seed=args.seed, alpha=args.alpha, timeout=timeout)
     except ValueError as err:
         raise UsageError(str(err)) from err
     if not os.environ.get(GATE_STATUS):
         return _gate_in_child(args, name)
-    result = (run_gate if args.kl else run_marginal_gate)([spec], cases, config, progress=True)
+    run = run_gate if args.kl else run_marginal_gate if args.marginal else run_grad_gate
+    result = run([spec], cases, config, progress=True)
     print(result.table())
     counts = result.frame.verdict.value_counts().to_dict()
     attrs = result.frame.attrs
     print(f"\nfalse-alarm rate of this run: {config.alpha:g} (Bonferroni over {attrs['tests']} {attrs['test_unit']}; "
           f"{attrs['rule']})")
     print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    unit = "case(s)" if args.kl else "check(s)"
+    unit = "check(s)" if args.marginal else "case(s)"
     if counts.get(CAUGHT):
         print(f"CAUGHT: {name} is wrong on {counts[CAUGHT]} {unit}: see the rows marked 'caught' above.")
         return EXIT_CAUGHT
@@ -239,7 +244,8 @@ def _gate(args) -> int:
               "above); the gate does not pass what it did not check.")
         return EXIT_CAUGHT
     holds = ("is consistent with the exact KL on every verifiable case" if args.kl
-             else "is no more biased than log_mean_exp on every verifiable check")
+             else "is no more biased than log_mean_exp on every verifiable check" if args.marginal
+             else "has an expected gradient consistent with the exact ∇θ KL(p_θ‖q) on every verifiable case")
     print(f"HOLDS: {name} {holds}.")
     return EXIT_OK
 

@@ -192,3 +192,37 @@ def loss_curves(metadata: dict[str, dict], path: Path) -> None:
                     kind="line", height=2.3, aspect=1.3, facet_kws={"sharey": False, "sharex": False})
     g.set_titles("{col_name}")
     save(g.figure, path)
+
+
+def gradient_angles(frame: pd.DataFrame, path: Path) -> None:
+    """Heatmap of the angle (degrees) between each loss's measured expected gradient and ∇KL(p‖q), loss × case;
+    blank where the cell has no measurement (a finding, or an unverifiable tail)."""
+    angle = frame.assign(angle=np.degrees(np.arccos(frame["cos_kl"].clip(-1, 1))))
+    angle.loc[angle["verdict"] == "unverifiable", "angle"] = np.nan
+    table = angle.pivot(index="estimator", columns="case", values="angle").reindex(
+        index=frame["estimator"].unique(), columns=frame["case"].unique())
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * table.shape[1], 0.9 + 0.38 * table.shape[0]))
+    sns.heatmap(table, annot=True, fmt=".0f", cmap="viridis", vmin=0, vmax=90, ax=ax,
+                cbar_kws={"label": "angle to ∇KL(p‖q), degrees"})
+    ax.set(xlabel="", ylabel="")
+    ax.tick_params(axis="x", labelrotation=40)
+    plt.setp(ax.get_xticklabels(), ha="right")
+    save(fig, path)
+
+
+def gradient_error_vs_batch(frame: pd.DataFrame, losses: list[str], path: Path) -> None:
+    """Relative RMSE of a batch-mean gradient vs the batch size B, sqrt(bias² + grad_var/B), one panel per case,
+    bias² the measured ‖m − t‖²/‖g‖² less its noise grad_var/N."""
+    batch = np.logspace(0, 6, 25)
+    rows = []
+    for r in frame[frame["estimator"].isin(losses) & np.isfinite(frame["grad_var"])].itertuples():
+        bias2 = max(r.rel_bias ** 2 - r.grad_var / r.n, 0.0)
+        rows += [{"case": r.case, "loss": r.estimator, "batch size": b, "relative RMSE": np.sqrt(bias2 + r.grad_var / b)}
+                 for b in batch]
+    data = pd.DataFrame(rows)
+    grid = sns.relplot(data, x="batch size", y="relative RMSE", hue="loss", hue_order=losses, col="case",
+                       col_wrap=min(5, data["case"].nunique()), kind="line", height=2.4, aspect=1.1,
+                       facet_kws={"sharey": False})
+    grid.set(xscale="log", yscale="log")
+    grid.set_titles("{col_name}", size=8)
+    save(grid.figure, path)

@@ -146,14 +146,13 @@ class _GateCell(Cell):
     spec: EstimatorSpec = None
     expected: float | None = None
     applies: bool = True
-    chunks: int = 1
 
     @property
     def testable(self) -> bool:
         return self.applies and self.expected is not None and math.isfinite(self.expected)
 
 
-class _CaseJob:
+class _CaseJob(stats.CellsJob):
     """Every estimator's cell on one case: the draws of a chunk are shared, the pilot sizes each cell."""
 
     def __init__(self, case, specs: list[EstimatorSpec], config: GateConfig):
@@ -163,21 +162,10 @@ class _CaseJob:
         self.size = max(2 ** 10, config.chunk // case.event_numel)
         self.max_chunks = max(1, config.max_budget // config.chunk)
         self.z_crit = self.z_power = math.nan
-        self._running: list[_GateCell] = []
 
-    def task(self, index: int) -> Task | None:
-        self._running = [c for c in self.cells if c.testable and c.open and c.chunks > index]
-        if not self._running:
-            return None
+    def chunk_task(self, index: int, cells: list[_GateCell]) -> Task:
         return Task(_gate_chunk, Chunk((self.config.seed, "gate", self.case.name), index, self.size),
-                    (self.case.name, tuple(c.spec for c in self._running), self.config.dtype, self.config.timeout,
-                     index == 0))
-
-    def absorb(self, index: int, result) -> None:
-        for cell, (outcome, khat) in zip(self._running, result):
-            cell.take(outcome, khat)
-            if index == 0 and cell.open:
-                self._plan(cell)
+                    (self.case.name, tuple(c.spec for c in cells), self.config.dtype, self.config.timeout, index == 0))
 
     def _exact_kurtosis(self, cell: _GateCell) -> float | None:
         """κ = μ₄/σ⁴ of the per-sequence estimate where the spec asks for it on a sequence case, else None."""
@@ -187,9 +175,11 @@ class _CaseJob:
         var = exact["var"].value
         return exact["m4"].value / var ** 2 if var > 0 else None
 
-    def _plan(self, cell: _GateCell) -> None:
+    def plan(self, cell: _GateCell, index: int) -> None:
         """From the pilot: close the cell where the test cannot mean anything, else choose N for the power
         (and, where the estimate's kurtosis is exact, for the normality of its mean)."""
+        if index:
+            return
         case, config = self.case, self.config
         kurtosis = self._exact_kurtosis(cell)
         khat, khat_extra = cell.khat.get("v", math.nan), cell.khat.get("d", math.nan)

@@ -139,10 +139,9 @@ def _marginal_chunk(chunk: Chunk, case_name: str, k: int, specs: tuple[Estimator
 @dataclass
 class _MarginalCell(Cell):
     spec: EstimatorSpec = None
-    chunks: int = 1
 
 
-class _CaseKJob:
+class _CaseKJob(stats.CellsJob):
     """Every estimator's cell on one (case, K): draws shared, replicates re-planned after every chunk from
     σ̂ and b̂_L (nuisance parameters, never from the tested means)."""
 
@@ -151,33 +150,23 @@ class _CaseKJob:
         self.case, self.k, self.config, self.z_crit, self.z_power = case, k, config, z_crit, z_power
         self.last = k == max(config.Ks)
         self.cells = [_MarginalCell(spec=s) for s in specs]
-        self._running: list[_MarginalCell] = []
 
-    def task(self, index: int) -> Task | None:
-        self._running = [c for c in self.cells if c.open and c.chunks > index]
-        if not self._running:
-            return None
+    def chunk_task(self, index: int, cells: list[_MarginalCell]) -> Task:
         return Task(_marginal_chunk, Chunk((self.config.seed, "marginal-gate", self.case.name, self.k), index,
                                            self.config.chunk),
-                    (self.case.name, self.k, tuple(c.spec for c in self._running), self.config.timeout, index == 0))
+                    (self.case.name, self.k, tuple(c.spec for c in cells), self.config.timeout, index == 0))
 
-    def absorb(self, index: int, result) -> None:
-        for cell, (outcome, khat) in zip(self._running, result):
-            cell.take(outcome, khat)
-            if not cell.open:
-                continue
-            self._plan(cell)
-            if index == 0:
-                first_look = {r["verdict"] for r in self._rows(cell)}
-                if CAUGHT in first_look or first_look == {UNVERIFIABLE}:
-                    cell.chunks = 1  # decided at the first look
-
-    def _plan(self, cell: _MarginalCell) -> None:
-        """Replicates for an excess bias of ``excess`` × |b_L| at the stated power."""
+    def plan(self, cell: _MarginalCell, index: int) -> None:
+        """Replicates for an excess bias of ``excess`` × |b_L| at the stated power; one chunk where the first look
+        already decides (caught, or nothing verifiable)."""
         m, config = cell.moments, self.config
         sd = max(m.se(key) for key in ("below", "above")) * math.sqrt(m.n)
         needed = stats.required_n(sd, config.excess * abs(m.mean_of("baseline")), self.z_crit, self.z_power)
         cell.chunks = int(min(config.max_replicates // config.chunk, max(1, math.ceil(needed / config.chunk))))
+        if index == 0:
+            first_look = {r["verdict"] for r in self._rows(cell)}
+            if CAUGHT in first_look or first_look == {UNVERIFIABLE}:
+                cell.chunks = 1
 
     def rows(self) -> list[dict]:
         return [row for cell in self.cells for row in self._rows(cell)]

@@ -1,5 +1,5 @@
 """The report's policy and its data: what :func:`default_report` studies, and :func:`run_report`, which runs
-the studies, the course notes' experiments and the timings into a :class:`ReportData` and then renders it
+the studies, the gradient gate on the built-in KL losses, the course notes' experiments and the timings into a :class:`ReportData` and then renders it
 (:func:`reports.html.render`)."""
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from reference_models import case_names
 
 from .cache import CellCache
 from .catalog import KL_FORMS, KL_KINDS, estimator_names, get_estimator
+from .gate import GateConfig
+from .grad_gate import run_grad_gate
 from .study import COLUMNS, StudyConfig, run_study
 
 __all__ = ["ReportPlan", "ReportData", "default_report", "collect", "run_report", "DEFAULT_NS", "QUICK_NS",
@@ -53,11 +55,15 @@ class ReportPlan:
     marginal_estimators: tuple[str, ...] = ("log_mean_exp", "jackknife1", "jackknife2")
     marginal_ks: tuple[int, ...] = MARGINAL_KS
     marginal_factor: int = 2
+    losses: tuple[str, ...] = tuple(estimator_names("loss"))
+    gradient_cases: tuple[str, ...] = tuple(case_names(kind="gradient", tag="report"))
+    gradient_budget: int = 2 ** 18  # tokens per (loss, case) cell: one chunk, the gate's pilot
     command: str = "reports.run_report"
 
     def __post_init__(self):  # a bad field raises here, before anything runs
         self.kl_study()
         self.sequence_study()
+        self.gradient_gate()
 
     def kl_study(self) -> StudyConfig:
         """The KL cases × the per-token estimators."""
@@ -66,6 +72,13 @@ class ReportPlan:
             raise ValueError("the report needs at least one KL case (see `estbench cases`)")
         est = tuple(e for e in self.estimators if get_estimator(e).form == "token")
         return StudyConfig(kl_cases, est, self.ns, self.replicates, self.seed)
+
+    def gradient_gate(self) -> GateConfig | None:
+        """The gradient gate's configuration for ``losses`` × ``gradient_cases`` (one chunk of
+        ``gradient_budget`` tokens per cell); None without either."""
+        if not (self.losses and self.gradient_cases):
+            return None
+        return GateConfig(seed=self.seed, chunk=self.gradient_budget, max_budget=self.gradient_budget)
 
     def sequence_study(self) -> StudyConfig | None:
         """The sequence cases × the estimators that target KL(p‖q) without coupling samples; None without either."""
@@ -98,6 +111,7 @@ class ReportData:
     marginal: pd.DataFrame | None = None
     experiments: dict | None = None
     throughput: dict[str, pd.DataFrame] | None = None
+    gradients: pd.DataFrame | None = None  # the gradient gate's frame (reports.grad_gate)
 
     def __post_init__(self):
         missing = [c for c in COLUMNS if c not in self.kl.columns]
@@ -117,7 +131,13 @@ def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: boo
     marginal = (run_study(StudyConfig(plan.marginal_cases, plan.marginal_estimators, plan.marginal_ks,
                                       marginal_replicates, plan.seed), progress=progress, cache_dir=cache_dir)
                 if plan.marginal_cases else None)
+    grad_config = plan.gradient_gate()
+    grads = (run_grad_gate([get_estimator(e) for e in plan.losses], list(plan.gradient_cases), grad_config,
+                           progress=progress).frame if grad_config else None)
     meta = _provenance(plan, time.perf_counter() - start)
+    if grad_config:
+        meta["gradient gate"] = (f"{len(plan.losses)} losses × {len(plan.gradient_cases)} cases, "
+                                 f"{plan.gradient_budget} tokens per cell")
     if seq_config:
         meta["sequence study"] = (f"{len(seq_config.cases)} cases × {len(seq_config.estimators)} estimators, "
                                   f"n = 1, {seq_config.replicates} replicates")
@@ -125,7 +145,7 @@ def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: boo
         meta["marginal study"] = (f"{len(plan.marginal_cases)} cases, K ∈ "
                                   f"{{{', '.join(map(str, marginal['K'].unique()))}}}, {marginal_replicates} replicates")
     speed = throughput.throughput_tables([(e, get_estimator(e).fn) for e in kl["estimator"].unique()], plan.seed)
-    return ReportData(kl, meta, plan.seed, seq, marginal, experiments.run_all(), speed)
+    return ReportData(kl, meta, plan.seed, seq, marginal, experiments.run_all(), speed, grads)
 
 
 def run_report(plan: ReportPlan, out_dir: str | Path, progress: bool = True, resume: bool = True) -> Path:

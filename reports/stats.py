@@ -52,7 +52,7 @@ from .usercode import UserCodeFailure, call_user
 
 __all__ = ["HOLDS", "CAUGHT", "UNVERIFIABLE", "ASSUMPTION", "SKIPPED", "CLT_FACTOR", "Moments", "critical_z",
            "power_z", "z_score", "required_n", "detectable", "tail_khat", "Finding", "evaluate", "require_finite", "chunk_seed", "seeded",
-           "outcomes", "Chunk", "chunk_sizes", "Task", "Job", "Executor", "LocalExecutor", "run_jobs", "positive_int"]
+           "outcomes", "Chunk", "chunk_sizes", "Task", "Job", "Executor", "LocalExecutor", "run_jobs", "positive_int", "Cell", "CellsJob"]
 
 HOLDS, CAUGHT, UNVERIFIABLE, ASSUMPTION, SKIPPED = "holds", "caught", "unverifiable", "assumption", "skipped"
 
@@ -162,10 +162,10 @@ class Finding(Exception):
 
 
 def evaluate(fn: Callable, args: tuple, names: tuple[str, ...], shape: tuple[int, ...],
-             timeout: float | None = None, finite: bool = True) -> Tensor:
-    """``fn(*args)`` as float64 on the CPU, checked to be a tensor of ``shape`` (and, with ``finite``, to hold
-    finite values); every failure is a :class:`Finding` (a signature that cannot take ``args`` stays a
-    SignatureMismatch: the caller's usage error)."""
+             timeout: float | None = None, finite: bool = True, keep_graph: bool = False) -> Tensor:
+    """``fn(*args)`` as float64 on the CPU (with ``keep_graph``, as returned, autograd graph and all), checked to
+    be a tensor of ``shape`` (and, with ``finite``, to hold finite values); every failure is a :class:`Finding`
+    (a signature that cannot take ``args`` stays a SignatureMismatch: the caller's usage error)."""
     try:
         out = call_user(fn, args, names=names, timeout=timeout)
     except UserCodeFailure as err:
@@ -174,7 +174,9 @@ def evaluate(fn: Callable, args: tuple, names: tuple[str, ...], shape: tuple[int
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise Finding(f"returned {got}, expected per-sample estimates of shape {tuple(shape)}")
     v = out.detach().double().cpu()
-    return require_finite(v) if finite else v
+    if finite:
+        require_finite(v)
+    return out if keep_graph else v
 
 
 def require_finite(v: Tensor) -> Tensor:
@@ -297,10 +299,15 @@ class Cell:
     verdict: str | None = None
     reason: str = ""
     khat: dict = field(default_factory=dict)
+    chunks: int = 1  # the chunks it takes: the pilot's plan
 
     @property
     def open(self) -> bool:
         return self.verdict is None
+
+    @property
+    def testable(self) -> bool:
+        return True
 
     def take(self, outcome: "Moments | Finding", khat: dict[str, float]) -> None:
         """Absorb one chunk's outcome (:func:`outcomes`): its moments and k̂, or the finding that closes the
@@ -318,3 +325,29 @@ class Cell:
     def close(self, verdict: str, reason: str) -> None:
         if self.open:
             self.verdict, self.reason = verdict, reason
+
+
+class CellsJob:
+    """A :class:`Job` over the ``cells`` of one case that share each chunk's draws: chunk i runs the cells that
+    are testable, open and planned to take more than i chunks, and after each chunk every cell still open is
+    (re)planned from what it has absorbed (:meth:`plan`). A subclass says what a chunk computes
+    (:meth:`chunk_task`)."""
+
+    cells: list[Cell]
+
+    def chunk_task(self, index: int, cells: list[Cell]) -> Task:
+        raise NotImplementedError
+
+    def plan(self, cell: Cell, index: int) -> None:
+        """Set ``cell.chunks`` (or close the cell) after chunk ``index``."""
+        raise NotImplementedError
+
+    def task(self, index: int) -> Task | None:
+        self._running = [c for c in self.cells if c.testable and c.open and c.chunks > index]
+        return self.chunk_task(index, self._running) if self._running else None
+
+    def absorb(self, index: int, result) -> None:
+        for cell, (outcome, khat) in zip(self._running, result):
+            cell.take(outcome, khat)
+            if cell.open:
+                self.plan(cell, index)
