@@ -20,7 +20,7 @@ from reference_models import get_case
 from reference_models.bayesnet import parameter_table
 
 from . import experiments, figures
-from .catalog import ESTIMATORS, EstimatorSpec, exact_moments
+from .catalog import ESTIMATORS, KL_FORMS, EstimatorSpec, exact_moments
 from .report import ReportData
 
 __all__ = ["Figure", "Section", "Drawn", "FIGURES", "SECTIONS", "figure", "section", "render"]
@@ -340,7 +340,7 @@ def _clamp(data: ReportData, path: Path) -> None:
          unavailable="Rao-Blackwellized KL on the sequence cases (no sequence case in this study)")
 def _sequences(data: ReportData, drawn: Drawn) -> str:
     seq = data.sequences
-    exact = [n for n, s in ESTIMATORS.items() if s.enumerated]
+    exact = [n for n, s in ESTIMATORS.items() if s.enumerated and s.form in KL_FORMS]
     rao_blackwell = [e for e in exact if ESTIMATORS[e].form == "logits"]
     refs = [e for e in exact if _reference(ESTIMATORS[e])]
     short = {e: "RB" if e in rao_blackwell else e for e in exact}

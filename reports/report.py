@@ -42,7 +42,9 @@ class ReportPlan:
     """What a report studies. ``estimators`` are catalog names: the KL study takes the per-token ones, the
     sequence study (n = 1, ``sequence_factor`` × ``replicates``) those that target KL(p‖q) and do not couple
     samples; the marginal study runs ``marginal_estimators`` on ``marginal_cases`` with ``marginal_factor`` ×
-    ``replicates`` (no marginal study when ``marginal_cases`` is empty). ``command`` is recorded as provenance.
+    ``replicates`` (no marginal study when ``marginal_cases`` is empty); the gradient gate runs ``losses`` on
+``gradient_cases`` (none by default; :func:`default_report` takes every one tagged "report"), one chunk of
+``gradient_budget`` tokens per cell. ``command`` is recorded as provenance.
     A ValueError names a bad field."""
 
     cases: tuple[str, ...]
@@ -56,7 +58,7 @@ class ReportPlan:
     marginal_ks: tuple[int, ...] = MARGINAL_KS
     marginal_factor: int = 2
     losses: tuple[str, ...] = tuple(estimator_names("loss"))
-    gradient_cases: tuple[str, ...] = tuple(case_names(kind="gradient", tag="report"))
+    gradient_cases: tuple[str, ...] = ()  # default_report: every gradient case tagged "report"
     gradient_budget: int = 2 ** 18  # tokens per (loss, case) cell: one chunk, the gate's pilot
     command: str = "reports.run_report"
 
@@ -91,9 +93,11 @@ class ReportPlan:
 
 def default_report(quick: bool = False) -> ReportPlan:
     """Every KL and sequence case × every built-in estimator, n ∈ {10, 100, 1000}, 1000 replicates, and
-    log-of-mean with the jackknifes on five marginal cases for K up to 1024; ``quick``: a smoke run (n ∈ {10,
-    100}, 100 replicates, K ∈ {1, 4, 16, 64})."""
-    plan = ReportPlan(tuple(case_names(kind=KL_KINDS, tag="report")), tuple(estimator_names(*KL_FORMS)))
+    log-of-mean with the jackknifes on five marginal cases for K up to 1024, and every built-in KL loss through
+    the gradient gate on every gradient case; ``quick``: a smoke run (n ∈ {10, 100}, 100 replicates, K ∈ {1, 4,
+    16, 64})."""
+    plan = ReportPlan(tuple(case_names(kind=KL_KINDS, tag="report")), tuple(estimator_names(*KL_FORMS)),
+                      gradient_cases=tuple(case_names(kind="gradient", tag="report")))
     return replace(plan, ns=QUICK_NS, replicates=100, marginal_ks=QUICK_MARGINAL_KS) if quick else plan
 
 

@@ -126,3 +126,21 @@ def test_cli_gate_grad_exit_codes_and_verdict_lines():
     assert bad.returncode == 1 and "CAUGHT" in bad.stdout and "∇KL(q‖p)" in bad.stdout, bad.stdout + bad.stderr
     usage = estbench("gate", "--grad", "estimators.kl_losses:k3_loss", "--cases", "gauss-shift-1")
     assert usage.returncode == 2 and "unknown gradient case" in usage.stderr
+
+
+def test_the_report_shows_which_objective_each_loss_follows(tmp_path):
+    from reports import ReportPlan
+    from reports.html import render
+    from reports.report import collect
+
+    plan = ReportPlan(cases=("gauss-shift-1",), estimators=("k1",), ns=(10,), replicates=20, marginal_cases=(),
+                      losses=("k1_loss", "k3_loss", "is_reinforce"), gradient_cases=("grad-gauss-3d",
+                                                                                     "grad-bandit-50k-off"),
+                      gradient_budget=2 ** 14)
+    data = collect(plan)
+    assert set(data.gradients.estimator) == {"k1_loss", "k3_loss", "is_reinforce"}
+    text = render(data, tmp_path).read_text(encoding="utf-8")
+    assert '<section id="gradients">' in text and "Which objective does each KL loss optimize?" in text
+    for figure in ("gradient_angle.png", "gradient_error.png"):
+        assert f'src="figures/{figure}"' in text and (tmp_path / "figures" / figure).stat().st_size > 0
+    assert "∇KL(q‖p)" in text and "zero" in text
