@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="estbench", description=__doc__)
     sub = parser.add_subparsers(dest="command")
 
-    cases = sub.add_parser("cases", help="list the named KL, sequence and marginal cases with their exact truth")
+    cases = sub.add_parser("cases", help="list the named KL, sequence, marginal and gradient cases with their exact truth")
     cases.set_defaults(func=_cases)
 
     report = sub.add_parser("report", help="run a study and write an HTML bias/variance report")
@@ -130,6 +130,11 @@ def _cases(args) -> int:
     for name in case_names(kind="marginal"):
         case = get_case(name)
         print(f"{name:28s} log p(x) = {case.log_marginal.value:<10.6g} {case.log_marginal.describe()}")
+        print(f"{'':28s} {case.description}")
+    print("\ngradient cases (a policy p_θ, a reference q, x ~ p_old; the exact ∇θ KL(p_θ‖q) and ∇θ KL(q‖p_θ)):")
+    for name in case_names(kind="gradient"):
+        case = get_case(name)
+        print(f"{name:28s} ‖∇KL(p‖q)‖ = {case.truth.value:<10.6g} {case.truth.describe()}")
         print(f"{'':28s} {case.description}")
     return EXIT_OK
 

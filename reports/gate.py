@@ -156,6 +156,7 @@ class _CaseJob(stats.CellsJob):
     """Every estimator's cell on one case: the draws of a chunk are shared, the pilot sizes each cell."""
 
     def __init__(self, case, specs: list[EstimatorSpec], config: GateConfig):
+        super().__init__()
         self.case, self.config = case, config
         self.cells = [_GateCell(spec=s, applies=s.applies(case), expected=s.expected(case) if s.applies(case) else None)
                       for s in specs]

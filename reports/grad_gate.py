@@ -109,6 +109,7 @@ class _GradJob(stats.CellsJob):
     """Every loss's cell on one gradient case: draws shared, the pilot sizes each cell."""
 
     def __init__(self, case, specs: list[EstimatorSpec], config: GateConfig):
+        super().__init__()
         self.case, self.config = case, config
         self.targets = {name: t.numpy() for name, t in case.targets.items()}
         self.k = case.u.shape[0]

@@ -145,8 +145,11 @@ class _CaseKJob(stats.CellsJob):
     """Every estimator's cell on one (case, K): draws shared, replicates re-planned after every chunk from
     σ̂ and b̂_L (nuisance parameters, never from the tested means)."""
 
+    replans = True
+
     def __init__(self, case, k: int, specs: list[EstimatorSpec], config: MarginalGateConfig, z_crit: float,
                  z_power: float):
+        super().__init__()
         self.case, self.k, self.config, self.z_crit, self.z_power = case, k, config, z_crit, z_power
         self.last = k == max(config.Ks)
         self.cells = [_MarginalCell(spec=s) for s in specs]

@@ -331,9 +331,14 @@ class CellsJob:
     """A :class:`Job` over the ``cells`` of one case that share each chunk's draws: chunk i runs the cells that
     are testable, open and planned to take more than i chunks, and after each chunk every cell still open is
     (re)planned from what it has absorbed (:meth:`plan`). A subclass says what a chunk computes
-    (:meth:`chunk_task`)."""
+    (:meth:`chunk_task`), and whether it ``replans`` after every chunk; one that plans only from its pilot
+    knows after it how many chunks it wants (:meth:`planned`), and a closed cell ignores those it was given."""
 
     cells: list[Cell]
+    replans: bool = False
+
+    def __init__(self):
+        self._running: dict[int, list[Cell]] = {}  # the cells each chunk in flight runs
 
     def chunk_task(self, index: int, cells: list[Cell]) -> Task:
         raise NotImplementedError
@@ -342,12 +347,22 @@ class CellsJob:
         """Set ``cell.chunks`` (or close the cell) after chunk ``index``."""
         raise NotImplementedError
 
+    def planned(self) -> int:
+        """The chunks this job wants whatever the results still to come say: the pilot, then every open cell's
+        plan (none ahead for a job that replans)."""
+        if self.replans:
+            return 0
+        return max([c.chunks for c in self.cells if c.testable and c.open], default=0)
+
     def task(self, index: int) -> Task | None:
-        self._running = [c for c in self.cells if c.testable and c.open and c.chunks > index]
-        return self.chunk_task(index, self._running) if self._running else None
+        running = [c for c in self.cells if c.testable and c.open and c.chunks > index]
+        if not running:
+            return None
+        self._running[index] = running
+        return self.chunk_task(index, running)
 
     def absorb(self, index: int, result) -> None:
-        for cell, (outcome, khat) in zip(self._running, result):
+        for cell, (outcome, khat) in zip(self._running.pop(index), result):
             cell.take(outcome, khat)
             if cell.open:
                 self.plan(cell, index)
