@@ -163,18 +163,24 @@ class _CaseJob:
         self.size = max(2 ** 10, config.chunk // case.event_numel)
         self.max_chunks = max(1, config.max_budget // config.chunk)
         self.z_crit = self.z_power = math.nan
-        self._running: list[_GateCell] = []
+        self._running: dict[int, list[_GateCell]] = {}
+
+    def planned(self) -> int:
+        """The pilot, then every chunk the pilot planned: only a finding closes a cell early, and a closed cell
+        ignores the chunks it was still given."""
+        return max([c.chunks for c in self.cells if c.testable and c.open], default=0)
 
     def task(self, index: int) -> Task | None:
-        self._running = [c for c in self.cells if c.testable and c.open and c.chunks > index]
-        if not self._running:
+        running = [c for c in self.cells if c.testable and c.open and c.chunks > index]
+        if not running:
             return None
+        self._running[index] = running
         return Task(_gate_chunk, Chunk((self.config.seed, "gate", self.case.name), index, self.size),
-                    (self.case.name, tuple(c.spec for c in self._running), self.config.dtype, self.config.timeout,
+                    (self.case.name, tuple(c.spec for c in running), self.config.dtype, self.config.timeout,
                      index == 0))
 
     def absorb(self, index: int, result) -> None:
-        for cell, (outcome, khat) in zip(self._running, result):
+        for cell, (outcome, khat) in zip(self._running.pop(index), result):
             cell.take(outcome, khat)
             if index == 0 and cell.open:
                 self._plan(cell)
