@@ -16,6 +16,7 @@ equals the local one bit for bit.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -90,6 +91,8 @@ def main() -> None:
             results[name][w] = _timed(config, executor, args.repeats, results[name]["expected"])
         executor.close()
     study.CHUNK_ELEMENTS = default_chunk
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on "
+          f"{os.cpu_count()} CPUs")
     for name, r in results.items():
         print(f"\n{name}: {r['chunks']} chunks")
         print("  " + _show("local, 1 thread", r["local"]))
