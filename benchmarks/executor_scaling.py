@@ -107,7 +107,8 @@ def main() -> None:
     print(f"chunk duration (speedup study, local): {full['local'] / results['speedup']['chunks'] * 1e3:.1f} ms")
     for w in args.workers:
         if w > 1 and 1 in args.workers:
-            print(f"speedup at {w} workers: {full[1] / full[w]:.2f} over ray with 1, {full['local'] / full[w]:.2f} over local")
+            print(f"speedup at {w} workers: {full[1] / full[w]:.2f} over ray with 1, "
+                  f"{full['local'] / full[w]:.2f} over local")
 
 if __name__ == "__main__":
     main()

@@ -4,11 +4,11 @@ an existing cluster).
 Each chunk is one Ray task, seeded from its key and index alone and run on one torch thread, so a study or a
 gate gives the same numbers, bit for bit, on any number of workers and as a local run on one thread
 (``torch.set_num_threads(1)``; with more threads torch's float sums round differently, by ~1e-16 relative),
-given the same torch build and CPU instruction set on every node. Results stream back as tasks finish (``ray.wait``); a task whose
-worker dies is run again (``max_retries``), so a lost worker costs time, never a number. The functions a
-task carries from a module that no installed distribution provides (a user's estimator loaded from the
-current directory) are pickled by value, so workers need not import it; estbench itself must be installed
-on every node of an existing cluster.
+given the same torch build and CPU instruction set on every node. Results stream back as tasks finish
+(``ray.wait``); a task whose worker dies is run again (``max_retries``), so a lost worker costs time, never a
+number. The functions a task carries from a module that no installed distribution provides (a user's
+estimator loaded from the current directory) are pickled by value, so workers need not import it; estbench
+itself must be installed on every node of an existing cluster.
 """
 from __future__ import annotations
 

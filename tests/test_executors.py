@@ -1,8 +1,8 @@
 """Executors never change a number: a study and a gate give frames equal bit for bit to a local run (on one
-torch thread, as every Ray worker runs a chunk) with any number of chunks in flight, in any completion order, on Ray on one machine (2 CPUs) and on a simulated
-two-node cluster; a worker that dies is retried; a user's estimator that only the current directory holds runs
-on the workers; an interrupted distributed study resumes from its cached cells; no Ray, or no cluster at the
-address, is a usage error (exit 2)."""
+torch thread, as every Ray worker runs a chunk) with any number of chunks in flight, in any completion order,
+on Ray on one machine (2 CPUs) and on a simulated two-node cluster; a worker that dies is retried; a user's
+estimator that only the current directory holds runs on the workers; an interrupted distributed study resumes
+from its cached cells; no Ray, or no cluster at the address, is a usage error (exit 2)."""
 import itertools
 import os
 import pickle
