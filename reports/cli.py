@@ -13,6 +13,7 @@ from pathlib import Path
 from reference_models import case_names, get_case
 
 from .catalog import ESTIMATORS, KL_KINDS
+from .executors import EXECUTORS, ExecutorUnavailable, make_executor
 from .report import DEFAULT_NS, QUICK_MARGINAL_KS, QUICK_NS, ReportPlan, default_report, run_report
 from .stats import CAUGHT, HOLDS
 from .usercode import SignatureMismatch, abandoned
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"smoke run: n in {QUICK_NS}, 100 replicates, K in {QUICK_MARGINAL_KS}")
     report.add_argument("--no-resume", action="store_true",
                         help="recompute every cell instead of reusing the finished ones in DIR/cells")
+    _add_executor_options(report)
     report.set_defaults(func=_report)
 
     gate = sub.add_parser("gate", help="gate a user's estimator (or KL loss) against every case; exit 1 if it is caught")
@@ -91,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                       help="seconds one call of the estimator may take before it is caught as hanging; 0: no limit "
                            "(%(default)s)")
+    _add_executor_options(gate)
     gate.set_defaults(func=_gate)
 
     speed = sub.add_parser("throughput", help="time the estimators, a study and the vocabulary KL against their floors")
@@ -110,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="directory for the checkpoints (default: the package's own, replacing them)")
     train.set_defaults(func=_train)
     return parser
+
+
+def _add_executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="where the chunks run: in this process, or on Ray (default: %(default)s)")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="with --executor ray: the Ray cluster to join (default: $RAY_ADDRESS; neither: start "
+                             "a local Ray runtime)")
+
+
+def _executor(args):
+    try:
+        return make_executor(args.executor, args.address)
+    except (ExecutorUnavailable, ValueError) as err:
+        raise UsageError(str(err)) from err
 
 
 def _check_names(names, known, what) -> tuple[str, ...]:
@@ -183,7 +201,7 @@ def _report(args) -> int:
                        command="estbench " + " ".join(args.argv))
     except ValueError as err:
         raise UsageError(str(err)) from err
-    path = run_report(plan, args.out, progress=True, resume=not args.no_resume)
+    path = run_report(plan, args.out, progress=True, resume=not args.no_resume, executor=_executor(args))
     print(f"report written to {path.resolve()}")
     return EXIT_OK
 
@@ -233,7 +251,7 @@ def _gate(args) -> int:
     if not os.environ.get(GATE_STATUS):
         return _gate_in_child(args, name)
     run = run_gate if args.kl else run_marginal_gate if args.marginal else run_grad_gate
-    result = run([spec], cases, config, progress=True)
+    result = run([spec], cases, config, progress=True, executor=_executor(args))
     print(result.table())
     counts = result.frame.verdict.value_counts().to_dict()
     attrs = result.frame.attrs

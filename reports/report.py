@@ -9,6 +9,7 @@ import subprocess
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from .cache import CellCache
 from .catalog import KL_FORMS, KL_KINDS, estimator_names, get_estimator
 from .gate import GateConfig
 from .grad_gate import run_grad_gate
+from .stats import Executor
 from .study import COLUMNS, StudyConfig, run_study
 
 __all__ = ["ReportPlan", "ReportData", "default_report", "collect", "run_report", "DEFAULT_NS", "QUICK_NS",
@@ -123,21 +125,24 @@ class ReportData:
             raise ValueError(f"kl must be a non-empty study frame; missing columns: {missing}")
 
 
-def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: bool = False) -> ReportData:
-    """Run ``plan``'s studies (their cells cached in ``cache_dir``), the experiments and the timings."""
+def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: bool = False,
+            executor: Executor | None = None) -> ReportData:
+    """Run ``plan``'s studies (their cells cached in ``cache_dir``, their chunks on ``executor``), the
+    experiments and the timings."""
     from . import experiments, throughput
 
     start = time.perf_counter()
-    kl = run_study(plan.kl_study(), progress=progress, cache_dir=cache_dir)
+    study = partial(run_study, progress=progress, cache_dir=cache_dir, executor=executor)
+    kl = study(plan.kl_study())
     seq_config = plan.sequence_study()
-    seq = run_study(seq_config, progress=progress, cache_dir=cache_dir) if seq_config else None
+    seq = study(seq_config) if seq_config else None
     marginal_replicates = plan.marginal_factor * plan.replicates
-    marginal = (run_study(StudyConfig(plan.marginal_cases, plan.marginal_estimators, plan.marginal_ks,
-                                      marginal_replicates, plan.seed), progress=progress, cache_dir=cache_dir)
+    marginal = (study(StudyConfig(plan.marginal_cases, plan.marginal_estimators, plan.marginal_ks,
+                                  marginal_replicates, plan.seed))
                 if plan.marginal_cases else None)
     grad_config = plan.gradient_gate()
     grads = (run_grad_gate([get_estimator(e) for e in plan.losses], list(plan.gradient_cases), grad_config,
-                           progress=progress).frame if grad_config else None)
+                           progress=progress, executor=executor).frame if grad_config else None)
     meta = _provenance(plan, time.perf_counter() - start)
     if grad_config:
         meta["gradient gate"] = (f"{len(plan.losses)} losses × {len(plan.gradient_cases)} cases, "
@@ -152,15 +157,17 @@ def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: boo
     return ReportData(kl, meta, plan.seed, seq, marginal, experiments.run_all(), speed, grads)
 
 
-def run_report(plan: ReportPlan, out_dir: str | Path, progress: bool = True, resume: bool = True) -> Path:
-    """Run ``plan`` and write ``out_dir/index.html`` with its figures; finished study cells are kept in
-    ``out_dir/cells`` and reused when ``resume`` (same seed, same numbers). Returns the page's path."""
+def run_report(plan: ReportPlan, out_dir: str | Path, progress: bool = True, resume: bool = True,
+               executor: Executor | None = None) -> Path:
+    """Run ``plan`` (its study chunks on ``executor``, default in process) and write ``out_dir/index.html``
+    with its figures; finished study cells are kept in ``out_dir/cells`` and reused when ``resume`` (same
+    seed, same numbers, on any executor). Returns the page's path."""
     from .html import render  # seaborn/matplotlib only load for the report
 
     cells = Path(out_dir) / "cells"
     if not resume and cells.exists():
         CellCache(cells).clear()
-    return render(collect(plan, cells, progress), out_dir)
+    return render(collect(plan, cells, progress, executor), out_dir)
 
 
 def _provenance(plan: ReportPlan, seconds: float) -> dict[str, str]:

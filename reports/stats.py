@@ -26,18 +26,22 @@ shape, non-finite values) into a :class:`Finding`, which a gate reports as *caug
 even be called with the form's arguments is a usage error (:class:`reports.usercode.SignatureMismatch`).
 
 **Chunks.** Work is cut into :class:`Chunk` s, each seeded from its key (seed, case, estimator, n) and
-index alone. :func:`run_jobs` is the one place that maps chunks to work: it runs chunk index 0 of every
-job, lets each job absorb its results in index order, then index 1 of the jobs that still want one, and so
-on, through an :class:`Executor`. A job decides from what it has absorbed whether it wants the next
-index (a gate's pilot sizes the rest), so no number depends on the executor, the number of workers or the
-order in which chunks finish.
+index alone. :func:`run_jobs` is the one place that maps chunks to work, through an :class:`Executor`
+(``reports.executors``: in process, or on Ray): it asks the jobs for their chunks, each in index order,
+keeps up to ``executor.slots`` of them in flight and lets each job absorb its results in index order,
+whatever order they finish in. A job asks for chunk i only once it has absorbed
+chunk i − 1, unless it already knows it wants it (``planned``: a gate after its pilot, a study cell from
+the start); it decides from what it has absorbed alone (a gate's pilot sizes the rest), so no number
+depends on the executor, the number of workers or the order in which chunks finish.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -237,7 +241,9 @@ class Task:
 
 
 class Job(Protocol):
-    """A sequence of chunks whose results are absorbed in index order."""
+    """A sequence of chunks whose results are absorbed in index order. It may also have ``planned() -> int``:
+    the indices below it that it wants whatever the results still to come say (without it: only the one
+    after the last absorbed), so that an executor can run them at once."""
 
     def task(self, index: int) -> Task | None:
         """The work of chunk ``index``, or None when the job wants no more (it never wants one again)."""
@@ -247,31 +253,93 @@ class Job(Protocol):
 
 
 class Executor(Protocol):
-    def map(self, tasks: Sequence[Task]) -> Iterable[Any]:
-        """Each task's result, in the order of ``tasks``."""
+    """Runs tasks; ``slots`` is how many are worth keeping in flight at once."""
+
+    slots: int
+
+    def submit(self, task: Task) -> Hashable:
+        """Start ``task``; returns its handle."""
+
+    def finished(self) -> list[tuple[Hashable, Any]]:
+        """Wait until at least one submitted task is done; (handle, result) of each done one, each given once."""
+
+    def cancel(self) -> None:
+        """Drop every submitted task not yet given back."""
 
 
 class LocalExecutor:
-    """Runs every task in this process, one after the other."""
+    """Runs each task in this process, one at a time, in the order submitted."""
 
-    def map(self, tasks: Sequence[Task]) -> Iterable[Any]:
-        return (task() for task in tasks)
+    slots = 1
+
+    def __init__(self):
+        self._queue: deque[tuple[int, Task]] = deque()
+        self._handles = itertools.count()
+
+    def submit(self, task: Task) -> int:
+        handle = next(self._handles)
+        self._queue.append((handle, task))
+        return handle
+
+    def finished(self) -> list[tuple[int, Any]]:
+        handle, task = self._queue.popleft()
+        return [(handle, task())]
+
+    def cancel(self) -> None:
+        self._queue.clear()
+
+
+@dataclass
+class _Progress:
+    """Where :func:`run_jobs` stands with one job: the next index to ask for and to absorb, results that
+    arrived ahead of their turn."""
+
+    job: Job
+    asked: int = 0
+    absorbed: int = 0
+    done: bool = False
+    arrived: dict = field(default_factory=dict)
+
+    def may_ask(self) -> bool:
+        planned = getattr(self.job, "planned", None)
+        return not self.done and self.asked < max(self.absorbed + 1, planned() if planned else 0)
+
+    def absorb_arrived(self) -> None:
+        while self.absorbed in self.arrived:
+            self.job.absorb(self.absorbed, self.arrived.pop(self.absorbed))
+            self.absorbed += 1
 
 
 def run_jobs(jobs: Sequence[Job], executor: Executor | None = None, desc: str = "chunks",
              progress: bool = False, total: int | None = None) -> None:
-    """Run ``jobs`` to completion in rounds: round i runs chunk i of every job that wants one."""
+    """Run ``jobs`` to completion through ``executor`` (default: :class:`LocalExecutor`), up to its ``slots``
+    chunks in flight, each slot going to the first job that can ask for a chunk (so jobs finish in order, and
+    a study's cells reach its cache early); each job absorbs its results in index order."""
     executor = executor or LocalExecutor()
-    live, index = list(jobs), 0
+    runs, in_flight = [_Progress(job) for job in jobs], {}
     with tqdm(total=total, desc=desc, unit="chunk", disable=not progress) as bar:
-        while live:
-            wanted = [(job, job.task(index)) for job in live]
-            wanted = [(job, task) for job, task in wanted if task is not None]
-            for (job, _), result in zip(wanted, executor.map([task for _, task in wanted])):
-                job.absorb(index, result)
-                bar.update(1)
-            live = [job for job, _ in wanted]
-            index += 1
+        try:
+            while True:
+                while len(in_flight) < executor.slots:
+                    run = next((run for run in runs if run.may_ask()), None)
+                    if run is None:
+                        break
+                    task = run.job.task(run.asked)
+                    if task is None:
+                        run.done = True
+                        continue
+                    in_flight[executor.submit(task)] = run, run.asked
+                    run.asked += 1
+                if not in_flight:
+                    return
+                for handle, result in executor.finished():
+                    run, index = in_flight.pop(handle)
+                    run.arrived[index] = result
+                    bar.update(1)
+                    run.absorb_arrived()
+        except BaseException:
+            executor.cancel()
+            raise
 
 
 def outcomes(estimates: Iterable[Callable[[], Tensor]], series: Callable[[Tensor], dict[str, Tensor]],

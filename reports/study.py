@@ -108,6 +108,9 @@ class _Cell:
             self.label = f"{case.name}__{spec.name}__n{n}__r{replicates}__s{seed}"
             self.row = cache.load(self.key, self.label)
 
+    def planned(self) -> int:
+        return len(self.sizes)
+
     def task(self, index: int) -> Task | None:
         if self.row is not None or index >= len(self.sizes):
             return None
