@@ -306,7 +306,6 @@ def _report(args) -> int:
 
     from .report import default_report, run_report
 
-    out = _writable_folder(args.out, "--out")
     plan = default_report(quick=args.quick)
     try:
         plan = replace(plan, cases=_check_names(args.cases or plan.cases, plan.cases, "case"),
@@ -317,7 +316,7 @@ def _report(args) -> int:
                        command="estbench " + " ".join(args.argv))
     except ValueError as err:
         raise UsageError(str(err)) from err
-    path = run_report(plan, out, progress=True, resume=not args.no_resume)
+    path = run_report(plan, _writable_folder(args.out, "--out"), progress=True, resume=not args.no_resume)
     print(f"report written to {path.resolve()}")
     return EXIT_OK
 
@@ -344,49 +343,64 @@ def load_function(spec: str):
 
 
 def _gate(args) -> int:
-    """Check the options, then run the gate in a child process (:func:`_gate_in_child`), which prints the table,
-    the verdict lines and writes the files."""
+    """Check the output paths, then run the gate in a child process (:func:`_gate_in_child`): it imports the
+    estimator and the cases, runs the gate, prints the table and the verdict lines and writes the files."""
     name = args.kl or args.marginal
     outputs = {flag: _writable_file(path, flag) for flag, path in (("--junit-xml", args.junit_xml),
                                                                    ("--json", args.json)) if path}
-    in_child = bool(os.environ.get(GATE_STATUS))
-    if not in_child:
-        print(f"estbench gate: importing {name}, then building the cases ...", file=sys.stderr, flush=True)
-    from reference_models import case_names
+    if not os.environ.get(GATE_STATUS):
+        return _gate_in_child(args, name, outputs)
+    from tqdm.auto import tqdm
 
-    from . import verdicts
-    from .catalog import KL_KINDS, EstimatorSpec
-    from .gate import GateConfig, run_gate
-    from .marginal_gate import MarginalGateConfig, run_marginal_gate
-    from .usercode import SignatureMismatch
+    # Importing torch and building the cases (a sequence case enumerates every sequence) can take a minute on a
+    # busy machine: a bar shows it from the start.
+    with tqdm(desc="gate: importing torch, building the cases", unit="step", total=None) as bar:
+        from reference_models import case_names, get_case
 
-    spec = EstimatorSpec(name, load_function(name), form="token" if args.kl else "log_weights")
-    kinds = KL_KINDS if args.kl else "marginal"
-    cases = list(_check_names(args.cases or case_names(kind=kinds, tag="gate"), case_names(kind=kinds),
-                              "case" if args.kl else "marginal case"))
+        from . import verdicts
+        from .catalog import KL_KINDS, EstimatorSpec
+        from .gate import GateConfig, run_gate
+        from .marginal_gate import MarginalGateConfig, run_marginal_gate
+        from .usercode import SignatureMismatch
+
+        spec = EstimatorSpec(name, load_function(name), form="token" if args.kl else "log_weights")
+        kinds = KL_KINDS if args.kl else "marginal"
+        cases = list(_check_names(args.cases or case_names(kind=kinds, tag="gate"), case_names(kind=kinds),
+                                  "case" if args.kl else "marginal case"))
+        bar.total = 1 + len(cases)
+        bar.update()
+        for case in cases:
+            bar.set_postfix_str(case)
+            get_case(case)  # cached: the gate finds it built
+            bar.update()
     timeout = args.timeout or None
     if args.kl:
         config = GateConfig(seed=args.seed, alpha=args.alpha, rel_bias=args.rel_bias, timeout=timeout,
                             chunk=min(GateConfig.chunk, args.max_budget), max_budget=args.max_budget)
     else:
         config = MarginalGateConfig(seed=args.seed, alpha=args.alpha, timeout=timeout)
-    if not in_child:
-        return _gate_in_child(args, name)
     try:
         result = (run_gate if args.kl else run_marginal_gate)([spec], cases, config, progress=True)
     except SignatureMismatch as err:
         raise UsageError(str(err)) from err
     print(result.table())
     print(verdicts.summary(result, args.strict))
-    for flag, path in outputs.items():
-        (verdicts.write_junit if flag == "--junit-xml" else verdicts.write_json)(result, path, args.strict)
-        print(f"{flag}: wrote {path}")
+    _write(result, outputs, args.strict)
     return verdicts.exit_code(result, args.strict)
 
 
-def _gate_in_child(args, name: str) -> int:
+def _write(result, outputs: dict[str, Path], strict: bool) -> None:
+    from . import verdicts
+
+    for flag, path in outputs.items():
+        (verdicts.write_junit if flag == "--junit-xml" else verdicts.write_json)(result, path, strict)
+        print(f"{flag}: wrote {path}")
+
+
+def _gate_in_child(args, name: str, outputs: dict[str, Path]) -> int:
     """The same gate in a child process, so that an estimator that ends its process (``os._exit``, a crash)
-    ends the child, never this verdict: a child that exits without leaving its status is caught."""
+    ends the child, never this verdict: a child that exits without leaving its status is caught, and the files
+    asked for say so."""
     with tempfile.TemporaryDirectory() as folder:
         status = Path(folder) / "status"
         child = subprocess.run([sys.executable, "-m", "reports.cli", *args.argv],
@@ -394,10 +408,18 @@ def _gate_in_child(args, name: str) -> int:
         left = status.read_text() if status.exists() else None
     if left == str(child.returncode):
         return child.returncode
+    import pandas as pd
+
+    from .gate import GateResult
+    from .stats import CAUGHT
     from .verdicts import EXIT_CAUGHT
 
-    print(f"CAUGHT: {name} ended the gate's process (exit status {child.returncode}) before it reached a verdict: "
-          "os._exit or a crash in the estimator.")
+    why = (f"{name} ended the gate's process (exit status {child.returncode}) before it reached a verdict: "
+           "os._exit or a crash in the estimator.")
+    frame = pd.DataFrame([dict(estimator=name, case="the gate's process", verdict=CAUGHT, reason=why)])
+    frame.attrs.update(tests=0, test_unit="cells", rule="no verdict: the process ended")
+    _write(GateResult(frame, None), outputs, args.strict)
+    print(f"CAUGHT: {why}")
     return EXIT_CAUGHT
 
 
