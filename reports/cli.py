@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 from . import case_table
@@ -38,10 +39,10 @@ and summed over the mask, as a KL penalty is.
 cases: --kl runs the KL cases and the sequence cases tagged "gate" (see `estbench cases`); --marginal
 runs the marginal cases tagged "gate" and a range check on extreme log-weights.
 
-verdicts: holds (no bias beyond the z-test's critical value, sized to see a --rel-bias bias), caught (biased, non-finite, raised,
-exited, hung, mutated its input or returned a wrong shape), assumption (biased only because the case
-breaks an assumption of the estimator, e.g. q has mass outside p's support), unverifiable (the variance
-is infinite or the tail too heavy for a z-test), skipped (does not apply).
+verdicts: holds (no bias beyond the z-test's critical value, sized to see a --rel-bias bias), caught
+(biased, non-finite, raised, exited, hung, mutated its input or returned a wrong shape), assumption (biased
+only because the case breaks an assumption of the estimator, e.g. q has mass outside p's support),
+unverifiable (the variance is infinite or the tail too heavy for a z-test), skipped (does not apply).
 
 exit status:
   0  every verifiable cell holds (assumption and unverifiable cells allowed, unless --strict)
@@ -115,23 +116,27 @@ class _Distinct(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 100)
+
+
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = argparse.RawDescriptionHelpFormatter  # keeps the epilogs' layout; descriptions are wrapped by _wrap
     parser = argparse.ArgumentParser(prog="estbench", description=DESCRIPTION, formatter_class=fmt,
                                      epilog="`estbench COMMAND --help` explains a command and its options.")
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     seed = dict(type=_int_in(0), default=0, help="seed of every draw; same seed, same numbers (default: %(default)s)")
 
     about = "list the named KL, sequence and marginal cases with their exact truth and how it was obtained"
-    cases = sub.add_parser("cases", help=about, description=about + " (stored with the cases; `python -m "
-                           "reports.case_table` rewrites the table after a case changes).", formatter_class=fmt)
+    cases = sub.add_parser("cases", help=about, description=_wrap(about + " (stored with the cases; `python -m "
+                           "reports.case_table` rewrites the table after a case changes)."), formatter_class=fmt)
     cases.set_defaults(func=_cases)
 
     about = "run a study and write an HTML bias/variance report"
-    report = sub.add_parser("report", help=about, formatter_class=fmt, description=(
-        f"{about}: every built-in estimator on every case tagged \"report\", n in {DEFAULT_NS}, {REPLICATES} "
-        "replicates per cell, the marginal-likelihood study, the experiments and the throughput tables. Finished "
-        "cells are kept in OUT/cells, so an interrupted run resumes with the same numbers."))
+    report = sub.add_parser("report", help=about, formatter_class=fmt, description=_wrap(
+        f"{about}: every built-in estimator on every case tagged \"report\", n in {' '.join(map(str, DEFAULT_NS))}, "
+        f"{REPLICATES} replicates per cell, the marginal-likelihood study, the experiments and the throughput "
+        "tables. Finished cells are kept in OUT/cells, so an interrupted run resumes with the same numbers."))
     report.add_argument("--out", default="estbench-report", metavar="DIR",
                         help="output folder, created if needed (default: %(default)s)")
     report.add_argument("--cases", nargs="+", action=_Distinct, metavar="CASE",
@@ -156,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     about = "gate your own estimator against the exact truth of every case; exit 1 if it is caught"
-    gate = sub.add_parser("gate", help=about, description=about + ".", epilog=GATE_EPILOG, formatter_class=fmt)
+    gate = sub.add_parser("gate", help=about, description=_wrap(about + "."), epilog=GATE_EPILOG, formatter_class=fmt)
     which = gate.add_mutually_exclusive_group(required=True)
     which.add_argument("--kl", metavar="MODULE:FUNCTION",
                        help="f(log_p, log_q) -> per-sample estimates of KL(p||q), x ~ p (the current folder is "
@@ -185,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     gate.set_defaults(func=_gate)
 
     about = "time the estimators, a study and the vocabulary KL against their floors"
-    speed = sub.add_parser("throughput", help=about, description=about + " (on the CPU; --gpu: on the GPU).",
+    speed = sub.add_parser("throughput", help=about, description=_wrap(about + " (on the CPU; --gpu: on the GPU)."),
                            formatter_class=fmt)
     speed.add_argument("--gpu", action="store_true",
                        help="instead: the exact vocabulary KL on the GPU (Triton kernel, torch, log_softmax + kl_div, "
@@ -200,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     speed.set_defaults(func=_throughput)
 
     about = "retrain the reference checkpoints from their seeded recipes"
-    train = sub.add_parser("train", help=about, formatter_class=fmt, description=(
+    train = sub.add_parser("train", help=about, formatter_class=fmt, description=_wrap(
         f"{about}. The checkpoints go into --out; the package's shipped ones are replaced only with "
         "--replace-shipped."))
     train.add_argument("names", nargs="*", metavar="RECIPE", help="recipes to train (default: all)")
