@@ -21,8 +21,8 @@ EXIT_OK, EXIT_USAGE = 0, 2  # the gate's other codes: reports.verdicts
 DEFAULT_TIMEOUT = 60.0  # seconds per call of a gated estimator (one chunk of up to 2^21 samples)
 #: Set in the child process that runs a gate: the file where it leaves its exit status once it has a verdict.
 GATE_STATUS = "ESTBENCH_GATE_STATUS"
-MAX_REPLICATES = 10 ** 5  # 100× the default: about 100 minutes of study on 2 cores
-MAX_N = 10 ** 5  # samples per estimate: a chunk of the study holds at least one estimate of the largest case
+MAX_REPLICATES = 10 ** 5  # 100× the default (whose report takes about a minute on 2 idle cores)
+MAX_N = 10 ** 4  # samples per estimate: one estimate (n × event elements, 100 on gauss-100d) fits a study chunk (2^21)
 MIN_BUDGET = 2 ** 10  # the gate's smallest chunk, in samples × event elements
 
 DESCRIPTION = """\

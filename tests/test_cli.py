@@ -230,3 +230,11 @@ def test_report_quick_writes_html(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r" / "index.html").is_file()
     assert "report written to" in out.stdout
+
+
+def test_the_largest_n_the_command_line_accepts_fits_a_study_chunk():
+    from reference_models import case_names, get_case
+    from reports.cli import MAX_N
+    from reports.study import CHUNK_ELEMENTS
+
+    assert MAX_N * max(get_case(c).event_numel for c in case_names(kind="kl")) <= CHUNK_ELEMENTS
