@@ -154,7 +154,10 @@ def _settings(result) -> dict:
 
 
 def _plain(v):
-    """A JSON value: numbers, strings and None as they are (a non-finite number as None), anything else as text."""
+    """A JSON value: numbers, strings and None as they are (a non-finite number as None), sequences as lists,
+    anything else as text."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
     return v if isinstance(v, (int, float, str, type(None))) else str(v)

@@ -59,7 +59,7 @@ def test_caught_line_names_the_cells_and_their_bias():
     assert summary(kl_result(("a", HOLDS, 0.0))).splitlines()[-1] == "HOLDS: my:k3 holds on every verifiable cell (1)."
 
 
-def test_marginal_cells_are_named_by_check_case_and_k():
+def test_marginal_cells_are_named_by_check_case_and_k(tmp_path):
     frame = pd.DataFrame([dict(estimator="my:lme", check="below", case="gauss-2d", K=16, verdict=CAUGHT,
                                bias=-0.25, reason="more biased"),
                           dict(estimator="my:lme", check="range", case="extreme log-weights", K=100000,
@@ -67,6 +67,8 @@ def test_marginal_cells_are_named_by_check_case_and_k():
     frame.attrs.update(ATTRS)
     result = GateResult(frame, MarginalGateConfig(), MARGINAL_COLUMNS)
     assert "-0.25 on below gauss-2d K=16" in summary(result)
+    write_json(result, tmp_path / "marginal.json")
+    assert json.loads((tmp_path / "marginal.json").read_text())["settings"]["Ks"] == list(MarginalGateConfig().Ks)
 
 
 def test_junit_xml_reads_back_one_case_per_cell(tmp_path):
