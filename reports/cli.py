@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -92,12 +93,14 @@ def _int_in(low: int, high: int | None = None):
 
 
 def _float_in(low: float, high: float | None = None, low_open: bool = True):
-    """An argparse type: a float in (low, high) (or [low, ...) when not ``low_open``)."""
+    """An argparse type: a finite float in (low, high) (or [low, ...) when not ``low_open``)."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if not (value > low if low_open else value >= low) or (high is not None and not value < high):
             left = "(" if low_open else "["
             raise argparse.ArgumentTypeError(f"must be in {left}{low:g}, {'inf' if high is None else f'{high:g}'})"

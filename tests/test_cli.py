@@ -127,6 +127,8 @@ def test_gate_catches_a_planted_bug_with_a_table():
     (["gate", "--kl", "estimators.kl:k3", "--alpha", "0"], "argument --alpha: must be in (0, 1)"),
     (["gate", "--kl", "estimators.kl:k3", "--rel-bias", "-1"], "argument --rel-bias: must be in (0, inf)"),
     (["gate", "--kl", "estimators.kl:k3", "--timeout", "-1"], "argument --timeout: must be in [0, inf)"),
+    (["gate", "--kl", "estimators.kl:k3", "--rel-bias", "inf"], "argument --rel-bias: must be a finite number"),
+    (["gate", "--kl", "estimators.kl:k3", "--alpha", "nan"], "argument --alpha: must be a finite number"),
     (["gate", "--kl", "estimators.kl:k3", "--json", "reports"], "--json reports: is a folder"),
     (["gate", "--kl", "estimators.kl:k3", "--junit-xml", "README.md/x.xml"], "--junit-xml README.md/x.xml: "),
     (["throughput", "--rows", "0"], "argument --rows: must be at least 1"),
