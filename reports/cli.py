@@ -230,8 +230,7 @@ def _writable_folder(path: str, option: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
-        raise UsageError(f"{option} {path}: cannot write into {folder} ({err.strerror or err})") \
-            from None
+        raise UsageError(f"{option} {path}: cannot write into {folder} ({err.strerror or err})") from None
     return folder
 
 
