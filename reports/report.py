@@ -21,15 +21,13 @@ from .catalog import KL_FORMS, KL_KINDS, estimator_names, get_estimator
 from .gate import GateConfig
 from .grad_gate import run_grad_gate
 from .stats import Executor
+from .plan_defaults import (DEFAULT_NS, MARGINAL_KS, QUICK_MARGINAL_KS, QUICK_NS, QUICK_REPLICATES, REPLICATES,
+                            SEQUENCE_FACTOR)
 from .study import COLUMNS, StudyConfig, run_study
 
 __all__ = ["ReportPlan", "ReportData", "default_report", "collect", "run_report", "DEFAULT_NS", "QUICK_NS",
            "MARGINAL_KS", "QUICK_MARGINAL_KS", "MARGINAL_CASES"]
 
-DEFAULT_NS = (10, 100, 1000)
-QUICK_NS = (10, 100)
-MARGINAL_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
-QUICK_MARGINAL_KS = (1, 4, 16, 64)
 MARGINAL_CASES = tuple(case_names(kind="marginal", tag="report"))
 
 
@@ -52,9 +50,9 @@ class ReportPlan:
     cases: tuple[str, ...]
     estimators: tuple[str, ...]
     ns: tuple[int, ...] = DEFAULT_NS
-    replicates: int = 1000
+    replicates: int = REPLICATES
     seed: int = 0
-    sequence_factor: int = 20
+    sequence_factor: int = SEQUENCE_FACTOR
     marginal_cases: tuple[str, ...] = MARGINAL_CASES
     marginal_estimators: tuple[str, ...] = ("log_mean_exp", "jackknife1", "jackknife2")
     marginal_ks: tuple[int, ...] = MARGINAL_KS
@@ -100,7 +98,7 @@ def default_report(quick: bool = False) -> ReportPlan:
     16, 64})."""
     plan = ReportPlan(tuple(case_names(kind=KL_KINDS, tag="report")), tuple(estimator_names(*KL_FORMS)),
                       gradient_cases=tuple(case_names(kind="gradient", tag="report")))
-    return replace(plan, ns=QUICK_NS, replicates=100, marginal_ks=QUICK_MARGINAL_KS) if quick else plan
+    return replace(plan, ns=QUICK_NS, replicates=QUICK_REPLICATES, marginal_ks=QUICK_MARGINAL_KS) if quick else plan
 
 
 @dataclass(frozen=True)

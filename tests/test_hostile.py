@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+import junitparser
 import pytest
 
 from estimators import kl
@@ -79,9 +80,11 @@ def test_sys_exit_is_caught_not_a_pass(user_module):
 
 def test_ending_the_process_is_caught_not_a_pass(user_module):
     """os._exit skips every handler: the gate runs in a child process, and a child without a verdict is caught."""
-    out, _ = _gate(user_module, "--kl", "user_estimators:ends_the_process", *SMALL)
+    out, _ = _gate(user_module, "--kl", "user_estimators:ends_the_process", *SMALL, "--junit-xml", "ended.xml")
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith("CAUGHT: user_estimators:ends_the_process ended the gate's")
+    (suite,) = junitparser.JUnitXml.fromfile(str(user_module / "ended.xml"))  # CI sees a failure, not no file
+    assert [type(r).__name__ for case in suite for r in case.result] == ["Failure"]
 
 
 def test_a_hang_is_caught_within_the_timeout(user_module):

@@ -94,7 +94,7 @@ def _estbench(*args):
                           timeout=600)
 
 
-def test_cli_marginal_gate_exit_codes(capsys):
+def test_cli_marginal_gate_exit_codes(capfd):  # fd-level: the gate reports from its child process
     ok = _estbench("gate", "--marginal", "estimators.marginal:log_mean_exp")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "HOLDS" in ok.stdout and "false-alarm rate" in ok.stdout
@@ -102,4 +102,4 @@ def test_cli_marginal_gate_exit_codes(capsys):
     assert bug.returncode == 1, bug.stdout + bug.stderr
     assert "caught" in bug.stdout and "CAUGHT" in bug.stdout
     assert main(["gate", "--marginal", "estimators.marginal:log_mean_exp", "--cases", "nope"]) == 2
-    assert "unknown marginal case" in capsys.readouterr().err
+    assert "unknown marginal case" in capfd.readouterr().err
