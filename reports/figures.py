@@ -1,6 +1,7 @@
 """Seaborn figures of a study frame. Each function saves one PNG and returns what its caption needs."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -47,9 +48,15 @@ def _legend(fig, names) -> None:
     fig.legend(handles=handles, title="estimator", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
+def wrap(count: int, columns: int = COLUMNS) -> int:
+    """Panels per row for ``count`` panels: at most ``columns``, and about as many rows as columns, so that a
+    figure of a few panels and a legend stays within 3:1."""
+    return max(1, min(columns, round(math.sqrt(count))))
+
+
 def panels(count: int, columns: int = COLUMNS, size: tuple[float, float] = PANEL):
-    """A figure of ``count`` panels, ``columns`` per row (no empty panel left over); returns (fig, axes)."""
-    columns = min(columns, count)
+    """A figure of ``count`` panels, :func:`wrap` of them per row (no empty panel left over); returns (fig, axes)."""
+    columns = wrap(count, columns)
     rows = -(-count // columns)
     fig, grid = plt.subplots(rows, columns, figsize=(size[0] * columns, size[1] * rows), squeeze=False)
     axes = list(grid.flat)
@@ -104,7 +111,7 @@ def rsd_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> list[str]:
     drawable = np.isfinite(frame["rsd"]) & (frame["rsd"] > ROUNDING)
     cases = list(frame[drawable]["case"].unique())  # a case with nothing to draw gets no (empty) panel
     g = sns.relplot(data=frame[drawable], x="n", y="rsd", hue="estimator", hue_order=order, palette=colors(order),
-                    col="case", col_order=cases, col_wrap=min(COLUMNS, len(cases)), kind="line", marker="o",
+                    col="case", col_order=cases, col_wrap=wrap(len(cases)), kind="line", marker="o",
                     estimator=None, height=PANEL[1], aspect=PANEL[0] / PANEL[1], facet_kws={"sharey": False})
     g.set(xscale="log", yscale="log")
     for ax in g.axes.flat:  # plain numbers ("20", "0.5") rather than "2×10¹"
@@ -141,9 +148,9 @@ def bias_vs_n(frame: pd.DataFrame, path: Path, order: list[str]) -> None:
         ax.yaxis.set_major_locator(locator)
         ax.set_xticks(range(len(ns)), [str(n) for n in ns])
         ax.set_title(case, fontsize=10)
-    for ax in axes[-COLUMNS:]:
+    for ax in axes[-wrap(len(cases)):]:
         ax.set_xlabel("n")
-    for ax in axes[::COLUMNS]:
+    for ax in axes[::wrap(len(cases))]:
         ax.set_ylabel("relative bias")
     fig.tight_layout()
     _legend(fig, names)
@@ -230,7 +237,7 @@ def marginal_bias_vs_k(frame: pd.DataFrame, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_title(case, fontsize=9)
         ax.set_xlabel("K")
-    for ax in axes[::3]:
+    for ax in axes[::wrap(len(cases), 3)]:
         ax.set_ylabel("K × (E[estimate] − log p(x))")
     fig.tight_layout()
     handles, labels = axes[0].get_legend_handles_labels()
@@ -256,7 +263,7 @@ def sequence_variances(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         ax.set_yscale("log")
         ax.set_xticks([])
         ax.set_title(case, fontsize=9)
-    for ax in axes[::COLUMNS]:
+    for ax in axes[::wrap(len(cases))]:
         ax.set_ylabel("variance per sequence")
     fig.tight_layout()
     _legend(fig, order)
@@ -268,7 +275,7 @@ def loss_curves(metadata: dict[str, dict], path: Path) -> None:
     """Training loss (NLL in nats per sequence) of every committed checkpoint's recipe."""
     rows = [{"model": name, "step": s, "loss": v} for name, meta in metadata.items()
             for s, v in zip(meta["loss_curve"]["step"], meta["loss_curve"]["loss"])]
-    g = sns.relplot(data=pd.DataFrame(rows), x="step", y="loss", col="model", col_wrap=min(COLUMNS, len(metadata)),
+    g = sns.relplot(data=pd.DataFrame(rows), x="step", y="loss", col="model", col_wrap=wrap(len(metadata)),
                     kind="line", height=PANEL[1], aspect=PANEL[0] / PANEL[1], facet_kws={"sharey": False, "sharex": False})
     g.set_titles("{col_name}")
     save(g.figure, path)

@@ -27,7 +27,8 @@ from .report import ReportData
 
 __all__ = ["Figure", "Section", "Drawn", "FIGURES", "SECTIONS", "figure", "section", "render"]
 
-TABLE_COLUMNS = ["case", "estimator", "n", "truth", "mean", "bias", "bias_se", "verdict", "rel_bias", "rsd", "rmse",
+#: The study tables' columns (mean = truth + bias is left out, so that they fit a 1400-px window).
+TABLE_COLUMNS = ["case", "estimator", "n", "truth", "bias", "bias_se", "verdict", "rel_bias", "rsd", "rmse",
                  "frac_negative", "nonfinite", "truth_method"]
 #: What a column means, said under every table that shows it.
 COLUMN_NOTES = {
@@ -59,7 +60,7 @@ th, td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; whi
 th { background: #f0f0f0; cursor: pointer; } th.sorted-asc::after { content: " ▲"; } th.sorted-desc::after { content: " ▼"; }
 .table-wrap { overflow: auto; max-height: 70vh; border: 1px solid #ccc; }
 table.study { font-size: 12px; } table.study th { position: sticky; top: 0; z-index: 1; }
-table.study td:last-child { white-space: normal; min-width: 16em; text-align: left; }
+table.study td:last-child { white-space: normal; min-width: 10em; text-align: left; }
 table.provenance th, table.provenance td, table.left td, table.left th { text-align: left; white-space: normal; }
 tr.biased td { background: #fdd9b5; font-weight: 600; } tr.case td { background: #e4ecf7; }
 .notes { font-size: 0.8em; color: #555; margin-top: 0.3em; }
