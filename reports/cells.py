@@ -13,9 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import stats
+from reference_models import get_case
 
-__all__ = ["ALPHA", "ROUNDING", "NOISE", "BIASED", "CASE", "critical_z", "at_noise", "verdicts"]
+from . import stats
+from .catalog import get_estimator
+
+__all__ = ["ALPHA", "ROUNDING", "NOISE", "BIASED", "CASE", "critical_z", "at_noise", "assumptions", "verdicts"]
 
 #: The false-alarm rate of one table: the chance that any unbiased cell in it reads as biased.
 ALPHA = 0.01
@@ -36,9 +39,17 @@ def at_noise(bias, se, scale, z_crit: float) -> np.ndarray:
         return np.abs(bias) <= z_crit * se + ROUNDING * np.abs(scale)
 
 
+def assumptions(frame: pd.DataFrame) -> pd.Series:
+    """For each row of a KL or sequence study frame, the assumptions of its estimator that its case breaks
+    (:meth:`~reports.catalog.EstimatorSpec.assumptions_broken`, "; "-joined; "" for none). Unlike the frame's
+    ``breaks`` column (the ratio-based estimators' only) it names the support for the clamped variants of k3."""
+    return pd.Series(["; ".join(get_estimator(e).assumptions_broken(get_case(c)))
+                      for c, e in zip(frame["case"], frame["estimator"])], index=frame.index, name="breaks")
+
+
 def verdicts(frame: pd.DataFrame) -> pd.Series:
     """:data:`NOISE`, :data:`BIASED` or :data:`CASE` for each row of a KL or sequence study frame (its
-    ``bias``, ``bias_se``, ``truth`` and ``breaks`` columns), by the rule of the module docstring."""
+    ``case``, ``estimator``, ``bias``, ``bias_se`` and ``truth`` columns), by the rule of the module docstring."""
     noise = at_noise(frame["bias"], frame["bias_se"], frame["truth"], critical_z(len(frame)))
-    broken = frame["breaks"].fillna("").astype(str) != ""
+    broken = assumptions(frame) != ""
     return pd.Series(np.where(broken, CASE, np.where(noise, NOISE, BIASED)), index=frame.index, name="verdict")

@@ -21,7 +21,7 @@ from reference_models.bayesnet import parameter_table
 
 from . import experiments, figures
 from .catalog import ESTIMATORS, EstimatorSpec, exact_moments
-from .cells import BIASED, CASE, NOISE, at_noise, critical_z, verdicts
+from .cells import BIASED, CASE, NOISE, assumptions, at_noise, critical_z, verdicts
 from .stats import z_score
 from .report import ReportData
 
@@ -278,7 +278,7 @@ def _asv_link() -> str:
 
 @section("summary")
 def _summary(data: ReportData, drawn: Drawn) -> str:
-    frame = data.kl.assign(verdict=verdicts(data.kl))
+    frame = data.kl.assign(verdict=verdicts(data.kl), breaks=assumptions(data.kl))
     refs = {ref: frame[frame["estimator"] == ref].set_index(["case", "n"])["var"]
             for ref in _studied(data, _reference)}
     refs = {ref: v[v > 0] for ref, v in refs.items()}  # a constant reference (uniform-support) has no ratio
@@ -319,13 +319,13 @@ def _worst(cells: pd.DataFrame) -> str:
 
 @section("broken")
 def _broken(data: ReportData, drawn: Drawn) -> str:
-    items = []
-    flagged = data.kl[data.kl["breaks"].fillna("") != ""]
-    for (case, keys), g in flagged.groupby(["case", "breaks"], sort=False):
-        reasons = get_case(case).breaks
-        for key in keys.split("; "):
-            why = f"{key}: {reasons[key]}" if key in reasons else key
-            items.append(f"<b>{esc(case)}</b> (affects {esc(', '.join(g['estimator'].unique()))}) — {esc(why)}")
+    affected: dict[tuple[str, str], list[str]] = {}  # (case, assumption) -> the estimators it concerns
+    for case, name, keys in zip(data.kl["case"], data.kl["estimator"], assumptions(data.kl)):
+        for key in filter(None, keys.split("; ")):
+            names = affected.setdefault((case, key), [])
+            names += [] if name in names else [name]
+    items = [f"<b>{esc(case)}</b> (affects {esc(', '.join(names))}) — {esc(key)}: {esc(get_case(case).breaks[key])}"
+             for (case, key), names in affected.items()]
     items += [f"skipped: {esc(s)}" for s in data.kl.attrs.get("skipped", [])]
     listed = "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>" if items else "<p>None.</p>"
     return f"<h2>Broken assumptions</h2>\n{listed}"

@@ -137,7 +137,7 @@ class _Cell:
             var=n * var_of_mean, rsd=math.sqrt(n * var_of_mean) / abs(truth),
             rmse=float(np.sqrt(np.mean((m - truth) ** 2))),
             frac_negative=sum(r[1] for r in self.results) / (n * replicates),
-            nonfinite=sum(r[2] for r in self.results), breaks="; ".join(spec.assumptions_broken(case)))
+            nonfinite=sum(r[2] for r in self.results), breaks="; ".join(case.breaks if spec.uses_ratio else ()))
 
     def _marginal_row(self) -> dict:
         case, spec, k, replicates = self.case, self.spec, self.n, self.replicates

@@ -216,12 +216,15 @@ def test_summary_separates_bias_on_broken_cases_from_bias_where_assumptions_hold
 
 def test_verdicts_tell_noise_from_bias_and_from_broken_assumptions():
     """A relative bias of 2.43 at 1 SE is noise (k1 on near-identical); 0.2 at 40 SE is biased; a cell on a case
-    that breaks the estimator's assumptions is the case's whatever its size; the threshold is Bonferroni's."""
-    frame = pd.DataFrame({"truth": [1e-4, 1.0, 1.0, 1.0], "bias": [2.43e-4, 0.2, -0.72, 1e5],
-                          "bias_se": [2.43e-4, 0.005, 0.0, 1e4], "breaks": ["", "", "support", "ratio_variance"]})
+    that breaks the estimator's assumptions is the case's whatever its size, the clamped k3 of verl on a support
+    mismatch included; the threshold is Bonferroni's."""
+    frame = pd.DataFrame({"case": ["near-identical", "gauss-shift-1", "uniform-support", "gauss-100d-fullcov"],
+                          "estimator": ["k1", "k2", "verl_low_var_kl", "k1_cv"], "truth": [1e-4, 1.0, 1.0, 1.0],
+                          "bias": [2.43e-4, 0.2, -0.72, 1e5], "bias_se": [2.43e-4, 0.005, 0.0, 1e4]})
     assert list(verdicts(frame)) == [NOISE, BIASED, CASE, CASE]
     z = critical_z(2)
-    edge = pd.DataFrame({"truth": [1.0, 1.0], "bias": [0.99 * z, 1.01 * z], "bias_se": [1.0, 1.0], "breaks": ["", ""]})
+    edge = pd.DataFrame({"case": ["gauss-shift-1"] * 2, "estimator": ["k1"] * 2, "truth": [1.0, 1.0],
+                         "bias": [0.99 * z, 1.01 * z], "bias_se": [1.0, 1.0]})
     assert list(verdicts(edge)) == [NOISE, BIASED] and 2.80 < z < 2.81  # Φ⁻¹(1 − 0.01/4) = 2.807
 
 
