@@ -78,7 +78,7 @@ def tick_labels(axis) -> list[tuple[bool, float, object]]:
     return shown
 
 
-def _declutter(fig) -> None:
+def declutter_ticks(fig) -> None:
     """Hide each tick label that would overlap (within 1 px) one already kept, keeping major labels before
     minor ones, 0 first, then the largest |value|: a symlog axis over many decades crowds its labels near 0,
     a log axis over a decade or two its minor labels."""
@@ -96,11 +96,11 @@ def _declutter(fig) -> None:
 
 
 def save(fig, path) -> Path:
-    """Hide the tick labels that would overlap others (:func:`_declutter`), save ``fig`` as a PNG at ``path``
+    """Hide the tick labels that would overlap others (:func:`declutter_ticks`), save ``fig`` as a PNG at ``path``
     (creating its folder), close it, and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _declutter(fig)
+    declutter_ticks(fig)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path

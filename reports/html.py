@@ -298,13 +298,15 @@ def _summary(data: ReportData, drawn: Drawn) -> str:
 <p>{esc(_noise_rule(len(frame)))} Each estimator's cells fall in three classes: at noise level; biased where its
 assumptions hold (a finding, unless the estimator is biased by design, as k2 and the clamped production variants
 are; highlighted); biased on a case that breaks one of its assumptions (listed below: the bias belongs to the
-case). The worst relative bias of each class is named with its case, n and z = bias / SE. The medians compare
+case). The worst relative bias of each class is named with its case, n and z = bias / SE (or the assumption the
+case breaks). The medians compare
 variances with k1's and k3's on the same (case, n). Click a header to sort.</p>
 {_table(pd.DataFrame(rows), "summary left", biased)}"""
 
 
 def _worst(cells: pd.DataFrame) -> str:
-    """'none', or how many cells, on which cases, and the worst |rel_bias| among them with its case, n and z."""
+    """'none', or how many cells and the worst |rel_bias| among them with its case, n and z (or, on a case that
+    breaks an assumption, which one)."""
     finite = cells["rel_bias"].abs().dropna()
     if cells.empty:
         return "none"
@@ -312,9 +314,10 @@ def _worst(cells: pd.DataFrame) -> str:
     if finite.empty:
         return f"{count}, not finite"
     w = cells.loc[finite.idxmax()]
-    where = f" ({w['breaks']})" if w["breaks"] else ""
-    return (f"{count}; worst {w['rel_bias']:+.3g} on {w['case']}{where}, n = {w['n']}, "
-            f"z = {_text(z_score(w['mean'], w['truth'], w['bias_se']))}")
+    worst = f"{count}; worst {w['rel_bias']:+.3g} on {w['case']}"
+    if w["breaks"]:  # a z-test means nothing there (no finite variance, or another expectation)
+        return f"{worst} ({w['breaks']}), n = {w['n']}"
+    return f"{worst}, n = {w['n']}, z = {_text(z_score(w['mean'], w['truth'], w['bias_se']))}"
 
 
 @section("broken")
@@ -413,6 +416,8 @@ def _sequences(data: ReportData, drawn: Drawn) -> str:
     return f"""<h2>Sequence-level KL on trained autoregressive models</h2>
 <p>{esc(SEQUENCE_INTRO)}</p>
 {drawn.html["sequence_variance"]}
+<p>var X: the exact variance of one per-sequence estimate of X, by enumeration; RB/X exact and measured: the
+Rao-Blackwellized estimator's variance over X's, exact and as the study measured it (below 1 it helps).</p>
 {_table(pd.DataFrame(rows), "seqtruth left")}
 <h3>Sequence study</h3>
 <p>{esc(_noise_rule(len(seq)))}</p>

@@ -91,4 +91,7 @@ def test_screenshot(chromium, report, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     kept = Path(shutil.copyfile(png, artifacts / "report-screenshot.png"))
     assert kept.stat().st_size == png.stat().st_size
-    print(f"\nreport screenshot: {kept}")
+    first = screenshot(chromium, report / "index.html", artifacts / "report-first-screen.png",
+                       profile=tmp_path / "profile", window="1400,900")
+    assert first.read_bytes()[:8] == PNG_MAGIC
+    print(f"\nreport screenshot: {kept}; its first screen: {first}")
