@@ -276,6 +276,7 @@ def loss_curves(metadata: dict[str, dict], path: Path) -> None:
     rows = [{"model": name, "step": s, "loss": v} for name, meta in metadata.items()
             for s, v in zip(meta["loss_curve"]["step"], meta["loss_curve"]["loss"])]
     g = sns.relplot(data=pd.DataFrame(rows), x="step", y="loss", col="model", col_wrap=wrap(len(metadata)),
-                    kind="line", height=PANEL[1], aspect=PANEL[0] / PANEL[1], facet_kws={"sharey": False, "sharex": False})
+                    kind="line", height=PANEL[1], aspect=PANEL[0] / PANEL[1],
+                    facet_kws={"sharey": False, "sharex": False})
     g.set_titles("{col_name}")
     save(g.figure, path)

@@ -212,8 +212,10 @@ def _clamped(data: ReportData) -> list[str]:
 
 def _text(value) -> str:
     """A table cell's text: floats to 4 significant digits, NaN as –, ±inf as ±∞."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "–" if math.isnan(value) else "∞" if value > 0 else "−∞"
     if isinstance(value, float):
-        return "–" if math.isnan(value) else ("∞" if value > 0 else "−∞") if math.isinf(value) else f"{value:.4g}"
+        return f"{value:.4g}"
     return str(value)
 
 
@@ -353,10 +355,10 @@ def _rsd(data: ReportData, path: Path) -> dict:
                         + "; ".join(left_out) + "." if left_out else ""}
 
 
-@figure("rel_bias_vs_n", "relative bias vs n with a 2-SE band, one panel per case",
-        "Relative bias (mean − truth) / |truth| with a ±2 standard-error band; the dashed line is zero and the "
-        "y axis is linear within ±0.02 and logarithmic beyond. An unbiased estimator's band covers zero in "
-        "about 95% of cells. k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased "
+@figure("rel_bias_vs_n", "relative bias vs n with ±2 SE, one panel per case",
+        "Relative bias (mean − truth) / |truth| ± 2 standard errors; at each n the estimators stand side by side, "
+        "in the legend's order and each in its one colour; the dashed line is zero and the y axis is linear "
+        "within ±0.02 and logarithmic beyond. An unbiased estimator's interval covers zero in about 95% of cells. k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased "
         "by E_p[r] − 1 where q has mass outside p's support; on infinite-variance cases the bias is noise.")
 def _bias(data: ReportData, path: Path) -> None:
     figures.bias_vs_n(data.kl, path, list(data.kl["estimator"].unique()))

@@ -4,9 +4,9 @@
 file. The script records, from the first line of <head> on, every console.error, uncaught exception, unhandled
 rejection and failed resource load, and the state of every <img>; it writes them as JSON into
 ``<pre id="estbench-check">``, which ``chromium --dump-dom`` hands back. Chromium's own log (stderr) is read
-too, for the console lines of the page only (never its dbus/GPU/sandbox noise). It also records what a reader could not see: content wider than the page or
-cut off by a box that hides its overflow, each table's width against its box (and whether that box scrolls), and
-every empty table header; and each image's natural and shown width.
+too, for the console lines of the page only (never its dbus/GPU/sandbox noise). The script also records what a
+reader could not see: content wider than the page or cut off by a box that hides its overflow, each table's width
+against its box (and whether that box scrolls), every empty table header, and each image's natural and shown width.
 """
 from __future__ import annotations
 
@@ -60,13 +60,15 @@ CHECKER_JS = """
     pre.textContent = JSON.stringify({loaded: true, images: images, problems: problems, layout: layout()});
   }
   function name(el) {
-    return el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") + (el.className ? "." + String(el.className).split(" ").join(".") : "");
+    var classes = el.className ? "." + String(el.className).split(" ").join(".") : "";
+    return el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") + classes;
   }
   function scrolls(el) { var o = getComputedStyle(el).overflowX; return o === "auto" || o === "scroll"; }
   function layout() {
     /* what a reader cannot see: content wider than the page, or cut off by a box that hides its overflow */
     var doc = document.documentElement, cut = [], tables = [], headers = [];
-    if (doc.scrollWidth > doc.clientWidth + 1) cut.push("the page: " + doc.scrollWidth + " px wide in a " + doc.clientWidth + " px window");
+    if (doc.scrollWidth > doc.clientWidth + 1)
+      cut.push("the page: " + doc.scrollWidth + " px wide in a " + doc.clientWidth + " px window");
     Array.prototype.forEach.call(document.body.querySelectorAll("*"), function (el) {
       var o = getComputedStyle(el).overflowX;
       if ((o === "hidden" || o === "clip") && el.scrollWidth > el.clientWidth + 1)
@@ -74,7 +76,8 @@ CHECKER_JS = """
     });
     Array.prototype.forEach.call(document.querySelectorAll("table"), function (t) {
       var box = t.parentElement;
-      tables.push({table: name(t), width: Math.ceil(t.getBoundingClientRect().width), box: box.clientWidth, scrolls: scrolls(box)});
+      tables.push({table: name(t), width: Math.ceil(t.getBoundingClientRect().width), box: box.clientWidth,
+                   scrolls: scrolls(box)});
       Array.prototype.forEach.call(t.querySelectorAll("th"), function (th, i) {
         if (!th.textContent.trim()) headers.push(name(t) + " header " + (i + 1));
       });
