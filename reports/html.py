@@ -301,8 +301,7 @@ def _summary(data: ReportData, drawn: Drawn) -> str:
 assumptions hold (a finding, unless the estimator is biased by design, as k2 and the clamped production variants
 are; highlighted); biased on a case that breaks one of its assumptions (listed below: the bias belongs to the
 case). The worst relative bias of each class is named with its case, n and z = bias / SE (or the assumption the
-case breaks). The medians compare
-variances with k1's and k3's on the same (case, n). Click a header to sort.</p>
+case breaks). The medians compare variances with k1's and k3's on the same (case, n). Click a header to sort.</p>
 {_table(pd.DataFrame(rows), "summary left", biased)}"""
 
 
@@ -358,8 +357,9 @@ def _rsd(data: ReportData, path: Path) -> dict:
 @figure("rel_bias_vs_n", "relative bias vs n with ±2 SE, one panel per case",
         "Relative bias (mean − truth) / |truth| ± 2 standard errors; at each n the estimators stand side by side, "
         "in the legend's order and each in its one colour; the dashed line is zero and the y axis is linear "
-        "within ±0.02 and logarithmic beyond. An unbiased estimator's interval covers zero in about 95% of cells. k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased "
-        "by E_p[r] − 1 where q has mass outside p's support; on infinite-variance cases the bias is noise.")
+        "within ±0.02 and logarithmic beyond. An unbiased estimator's interval covers zero in about 95% of cells. "
+        "k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased by E_p[r] − 1 where q "
+        "has mass outside p's support; on infinite-variance cases the bias is noise.")
 def _bias(data: ReportData, path: Path) -> None:
     figures.bias_vs_n(data.kl, path, list(data.kl["estimator"].unique()))
 
