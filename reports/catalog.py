@@ -105,6 +105,14 @@ class EstimatorSpec:
     def target_value(self, case) -> float:
         return self.target_truth(case).value
 
+    def assumptions_broken(self, case) -> tuple[str, ...]:
+        """The keys of ``case.breaks`` that concern this estimator: all of them for one built on r = q/p; only
+        the support for a production variant that clamps one (its clamp keeps its variance finite)."""
+        if self.uses_ratio:
+            return tuple(case.breaks)
+        clamped_ratio = self.clamps is not None and get_estimator(self.clamps).uses_ratio
+        return tuple(k for k in case.breaks if k == "support") if clamped_ratio else ()
+
     def expected(self, case) -> float | None:
         """The exact E[estimate] on ``case``, or None where it is not known exactly."""
         if self.expectation is not None:

@@ -21,12 +21,33 @@ from reference_models.bayesnet import parameter_table
 
 from . import experiments, figures
 from .catalog import ESTIMATORS, KL_FORMS, EstimatorSpec, exact_moments
+from .cells import BIASED, CASE, NOISE, assumptions, at_noise, critical_z, verdicts
+from .stats import z_score
 from .report import ReportData
 
 __all__ = ["Figure", "Section", "Drawn", "FIGURES", "SECTIONS", "figure", "section", "render"]
 
-TABLE_COLUMNS = ["case", "estimator", "n", "truth", "mean", "bias", "bias_se", "rel_bias", "rsd", "rmse",
+#: The study tables' columns (mean = truth + bias is left out, so that they fit a 1400-px window).
+TABLE_COLUMNS = ["case", "estimator", "n", "truth", "bias", "bias_se", "verdict", "rel_bias", "rsd", "rmse",
                  "frac_negative", "nonfinite", "truth_method"]
+#: What a column means, said under every table that shows it.
+COLUMN_NOTES = {
+    "bias_se": "the standard error of bias (the replicate means' sd / √replicates)",
+    "verdict": f"{NOISE}: |bias| within the noise rule above; {BIASED}: beyond it where the estimator's assumptions "
+               f"hold (highlighted); {CASE}: the case breaks one of them, so its bias is the case's (shaded)",
+    "rel_bias": "bias / |truth|",
+    "rsd": "√var / |truth|, var = n × the variance of the replicate means",
+    "rmse": "root mean squared error of the replicate means",
+    "frac_negative": "the fraction of single-sample estimates below 0",
+    "nonfinite": "single-sample estimates that were ±inf or NaN",
+    "truth_method": "how the exact target was obtained",
+    "breaks": "the estimator assumptions the case breaks (support: q has mass outside p's support; ratio_variance: "
+              "E_p[(q/p)²] = ∞)",
+    "khat": "Pareto k̂ of the tail of one estimate's K weights (PSIS): below 0.5 reliable, 0.5–0.7 slow to "
+            "converge, above 0.7 not to be trusted; −∞ where fewer than 10 distinct weights exceed the tail "
+            "threshold, so there is no tail to fit (a discrete latent gives few distinct weights)",
+    "ess": "Kish's effective sample size (Σw)²/Σw² of K weights, averaged over replicates",
+}
 #: The project's asv configuration, beside the packages in a checkout (absent where estbench is installed alone).
 ASV_CONF = Path(__file__).resolve().parents[1] / "asv.conf.json"
 esc = html.escape
@@ -39,7 +60,10 @@ th, td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; whi
 th { background: #f0f0f0; cursor: pointer; } th.sorted-asc::after { content: " ▲"; } th.sorted-desc::after { content: " ▼"; }
 .table-wrap { overflow: auto; max-height: 70vh; border: 1px solid #ccc; }
 table.study { font-size: 12px; } table.study th { position: sticky; top: 0; z-index: 1; }
+table.study td:last-child { white-space: normal; min-width: 10em; text-align: left; }
 table.provenance th, table.provenance td, table.left td, table.left th { text-align: left; white-space: normal; }
+tr.biased td { background: #fdd9b5; font-weight: 600; } tr.case td { background: #e4ecf7; }
+.notes { font-size: 0.8em; color: #555; margin-top: 0.3em; }
 .waiting { color: #777; font-style: italic; }
 """
 
@@ -199,10 +223,42 @@ def _clamped(data: ReportData) -> list[str]:
 
 # --- helpers ----------------------------------------------------------------------------------------------------------
 
-def _table(frame: pd.DataFrame, css_class: str) -> str:
-    table = frame.to_html(index=False, border=0, classes=f"{css_class} sortable", na_rep="–",
-                          float_format=lambda v: f"{v:.4g}")
-    return f'<div class="table-wrap">{table}</div>'
+def _text(value) -> str:
+    """A table cell's text: floats to 4 significant digits, NaN as –, ±inf as ±∞."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "–" if math.isnan(value) else "∞" if value > 0 else "−∞"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(frame: pd.DataFrame, css_class: str, row_classes=None) -> str:
+    """``frame`` as a sortable table in a box that scrolls (never cuts) what does not fit, each row of class
+    ``row_classes[i]`` (an iterable of CSS classes, or None), with :data:`COLUMN_NOTES` for its columns under it.
+    A ValueError names an empty column header."""
+    names = [str(c) for c in frame.columns]
+    if not all(n.strip() for n in names):
+        raise ValueError(f"every column of a table needs a header, got {names}")
+    classes = list(row_classes) if row_classes is not None else [""] * len(frame)
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = "".join(f'<tr class="{esc(c)}">' + "".join(f"<td>{esc(_text(v))}</td>" for v in row) + "</tr>"
+                   for c, row in zip(classes, frame.itertuples(index=False, name=None)))
+    notes = "; ".join(f"<b>{esc(n)}</b>: {esc(COLUMN_NOTES[n])}" for n in names if n in COLUMN_NOTES)
+    return (f'<div class="table-wrap"><table class="{css_class} sortable"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>" + (f'<p class="notes">{notes}.</p>' if notes else ""))
+
+
+def _study_table(frame: pd.DataFrame) -> str:
+    """A study frame with each cell's verdict (:func:`reports.cells.verdicts`), biased cells highlighted."""
+    verdict = verdicts(frame)
+    rows = frame.assign(verdict=verdict)[TABLE_COLUMNS]
+    return _table(rows, "study", verdict.map({BIASED: "biased", CASE: "case", NOISE: ""}))
+
+
+def _noise_rule(cells: int) -> str:
+    return (f"A cell's bias is noise when |bias| ≤ {critical_z(cells):.2f}·SE (give or take float rounding): "
+            f"Φ⁻¹(1 − α/2m) for the m = {cells} cells of the table, so that every unbiased cell reads as noise "
+            f"with probability ≥ 99% (α = 1%, Bonferroni).")
 
 
 def _figure(name: str, alt: str, number: int, caption: str) -> str:
@@ -237,39 +293,56 @@ def _asv_link() -> str:
 
 @section("summary")
 def _summary(data: ReportData, drawn: Drawn) -> str:
-    frame = data.kl
+    frame = data.kl.assign(verdict=verdicts(data.kl), breaks=assumptions(data.kl))
     refs = {ref: frame[frame["estimator"] == ref].set_index(["case", "n"])["var"]
             for ref in _studied(data, _reference)}
     refs = {ref: v[v > 0] for ref, v in refs.items()}  # a constant reference (uniform-support) has no ratio
     rows = []
     for name, g in frame.groupby("estimator", sort=False):
-        consistent = g["bias"].abs() <= 4 * g["bias_se"] + figures.ROUNDING * g["truth"].abs()
-        abs_rel = g["rel_bias"].abs().dropna()
-        worst = g.loc[abs_rel.idxmax()] if len(abs_rel) else None
         row = {"estimator": name, "definition": ESTIMATORS[name].label,
-               "cells with |bias| ≤ 4·SE": f"{int(consistent.sum())} / {len(g)}",
-               "worst |rel_bias|": "–" if worst is None
-               else f"{abs(worst['rel_bias']):.4g} ({worst['case']}, n = {worst['n']})",
+               "cells at noise level": f"{int((g['verdict'] == NOISE).sum())} / {len(g)}",
+               "biased where its assumptions hold": _worst(g[g["verdict"] == BIASED]),
+               "biased where a case breaks its assumptions": _worst(g[g["verdict"] == CASE]),
                "median rsd": g["rsd"].median()}
         for ref, ref_var in refs.items():
             row[f"median var / var({ref})"] = (g.set_index(["case", "n"])["var"] / ref_var).dropna().median()
         rows.append(row)
+    biased = ["biased" if (frame[frame["estimator"] == r["estimator"]]["verdict"] == BIASED).any() else ""
+              for r in rows]
     return f"""<h2>Summary per estimator</h2>
-<p>Cells consistent with the truth (|bias| ≤ 4·SE, give or take float rounding), the worst relative bias,
-the median rsd, and the median variance relative to k1's and k3's on the same (case, n). Click a header to
-sort.</p>
-{_table(pd.DataFrame(rows), "summary left")}"""
+<p>{esc(_noise_rule(len(frame)))} Each estimator's cells fall in three classes: at noise level; biased where its
+assumptions hold (a finding, unless the estimator is biased by design, as k2 and the clamped production variants
+are; highlighted); biased on a case that breaks one of its assumptions (listed below: the bias belongs to the
+case). The worst relative bias of each class is named with its case, n and z = bias / SE (or the assumption the
+case breaks). The medians compare variances with k1's and k3's on the same (case, n). Click a header to sort.</p>
+{_table(pd.DataFrame(rows), "summary left", biased)}"""
+
+
+def _worst(cells: pd.DataFrame) -> str:
+    """'none', or how many cells and the worst |rel_bias| among them with its case, n and z (or, on a case that
+    breaks an assumption, which one)."""
+    finite = cells["rel_bias"].abs().dropna()
+    if cells.empty:
+        return "none"
+    count = f"{len(cells)} cell{'s' * (len(cells) > 1)}"
+    if finite.empty:
+        return f"{count}, not finite"
+    w = cells.loc[finite.idxmax()]
+    worst = f"{count}; worst {w['rel_bias']:+.3g} on {w['case']}"
+    if w["breaks"]:  # a z-test means nothing there (no finite variance, or another expectation)
+        return f"{worst} ({w['breaks']}), n = {w['n']}"
+    return f"{worst}, n = {w['n']}, z = {_text(z_score(w['mean'], w['truth'], w['bias_se']))}"
 
 
 @section("broken")
 def _broken(data: ReportData, drawn: Drawn) -> str:
-    items = []
-    flagged = data.kl[data.kl["breaks"].fillna("") != ""]
-    for (case, keys), g in flagged.groupby(["case", "breaks"], sort=False):
-        reasons = get_case(case).breaks
-        for key in keys.split("; "):
-            why = f"{key}: {reasons[key]}" if key in reasons else key
-            items.append(f"<b>{esc(case)}</b> (affects {esc(', '.join(g['estimator'].unique()))}) — {esc(why)}")
+    affected: dict[tuple[str, str], list[str]] = {}  # (case, assumption) -> the estimators it concerns
+    for case, name, keys in zip(data.kl["case"], data.kl["estimator"], assumptions(data.kl)):
+        for key in filter(None, keys.split("; ")):
+            names = affected.setdefault((case, key), [])
+            names += [] if name in names else [name]
+    items = [f"<b>{esc(case)}</b> (affects {esc(', '.join(names))}) — {esc(key)}: {esc(get_case(case).breaks[key])}"
+             for (case, key), names in affected.items()]
     items += [f"skipped: {esc(s)}" for s in data.kl.attrs.get("skipped", [])]
     listed = "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>" if items else "<p>None.</p>"
     return f"<h2>Broken assumptions</h2>\n{listed}"
@@ -294,11 +367,12 @@ def _rsd(data: ReportData, path: Path) -> dict:
                         + "; ".join(left_out) + "." if left_out else ""}
 
 
-@figure("rel_bias_vs_n", "relative bias vs n with a 2-SE band, one panel per case",
-        "Relative bias (mean − truth) / |truth| with a ±2 standard-error band; the dashed line is zero and the "
-        "y axis is linear within ±0.02 and logarithmic beyond. An unbiased estimator's band covers zero in "
-        "about 95% of cells. k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased "
-        "by E_p[r] − 1 where q has mass outside p's support; on infinite-variance cases the bias is noise.")
+@figure("rel_bias_vs_n", "relative bias vs n with ±2 SE, one panel per case",
+        "Relative bias (mean − truth) / |truth| ± 2 standard errors; at each n the estimators stand side by side, "
+        "in the legend's order and each in its one colour; the dashed line is zero and the y axis is linear "
+        "within ±0.02 and logarithmic beyond. An unbiased estimator's interval covers zero in about 95% of cells. "
+        "k2 is biased by design (it targets E[(log r)²]/2); k3-type estimators are biased by E_p[r] − 1 where q "
+        "has mass outside p's support; on infinite-variance cases the bias is noise.")
 def _bias(data: ReportData, path: Path) -> None:
     figures.bias_vs_n(data.kl, path, list(data.kl["estimator"].unique()))
 
@@ -357,9 +431,12 @@ def _sequences(data: ReportData, drawn: Drawn) -> str:
     return f"""<h2>Sequence-level KL on trained autoregressive models</h2>
 <p>{esc(SEQUENCE_INTRO)}</p>
 {drawn.html["sequence_variance"]}
+<p>var X: the exact variance of one per-sequence estimate of X, by enumeration; RB/X exact and measured: the
+Rao-Blackwellized estimator's variance over X's, exact and as the study measured it (below 1 it helps).</p>
 {_table(pd.DataFrame(rows), "seqtruth left")}
 <h3>Sequence study</h3>
-{_table(seq[TABLE_COLUMNS], "study")}
+<p>{esc(_noise_rule(len(seq)))}</p>
+{_study_table(seq)}
 {drawn.html["loss_curves"]}"""
 
 
@@ -398,7 +475,7 @@ def _gradients(data: ReportData, drawn: Drawn) -> str:
 <p>{esc(GRADIENT_INTRO)}</p>
 {drawn.html["gradient_angle"]}
 {drawn.html["gradient_error"]}
-{_table(frame[cols], "study")}"""
+{_table(frame[cols], "study", ["biased" if v == "caught" else "" for v in frame["verdict"]])}"""
 
 
 @figure("gradient_angle", "angle between each loss's expected gradient and the true gradient, loss × case",
@@ -429,10 +506,16 @@ def _marginal(data: ReportData, drawn: Drawn) -> str:
     lme = marginal[(marginal["estimator"] == MARGINAL_BASELINE) & marginal["theory_second"].notna()]
     ratios = lme[["case", "K", "bias_cv", "bias_cv_se", "theory_first", "theory_second"]]
     ratios = ratios.assign(**{"measured / theory": ratios["bias_cv"] / ratios["theory_second"]})
-    wide = marginal.pivot_table(index=["case", "K"], columns="estimator", values="bias_cv").reset_index()
+    noise = marginal.assign(noise=at_noise(marginal["bias_cv"], marginal["bias_cv_se"], marginal["truth"],
+                                           critical_z(len(marginal))))
+    wide = noise.pivot_table(index=["case", "K"], columns="estimator", values="bias_cv").reset_index()
+    at_noise_level = noise.pivot_table(index=["case", "K"], columns="estimator", values="noise").reset_index()
     for other in marginal["estimator"].unique():
         if other != MARGINAL_BASELINE and MARGINAL_BASELINE in wide:
-            wide[f"|bias| / |bias {other}|"] = wide[MARGINAL_BASELINE].abs() / wide[other].abs()
+            ratio = (wide[MARGINAL_BASELINE].abs() / wide[other].abs()).astype(object)
+            ratio[at_noise_level[other] == 1] = "noise"  # a ratio to a bias at noise level measures the noise
+            wide[f"|bias| / |bias {other}|"] = ratio
+    wide.columns = [str(c) for c in wide.columns]  # drop the pivot's column name ("estimator"), an empty header
     top = marginal[marginal["estimator"] == MARGINAL_BASELINE]
     top = top[top["K"] == top["K"].max()][["case", "K", "khat", "ess"]]
     return f"""<h2>Marginal likelihoods: the bias of log-of-mean</h2>
@@ -441,13 +524,22 @@ def _marginal(data: ReportData, drawn: Drawn) -> str:
 <h3>Measured bias of log Â over the second-order prediction</h3>
 {_table(ratios, "ratios left")}
 <h3>Bias (control-variate estimate) of each estimator, and the jackknife's reduction</h3>
+<p>{esc(_noise_rule(len(marginal)))} "noise" marks a reduction ratio whose denominator is at noise level: the
+jackknife removed the bias as far as this study can see, and the ratio would only measure the noise.</p>
 {_table(wide, "jack left")}
 <h3>Weight diagnostics at the largest K (one estimate)</h3>
-<p>Pareto k̂ of the weights' tail (PSIS): below 0.5 the estimate is reliable, 0.5–0.7 slow to converge, above
-0.7 not to be trusted; ESS is Kish's effective sample size (Σw)²/Σw².</p>
-{_table(top, "diag left")}
-<h3>Free parameters of discrete models (the course notes' examples)</h3>
+{_table(top.assign(reading=top["khat"].map(_khat_reading)), "diag left")}
+<h3>Free parameters of discrete models</h3>
 {_table(parameter_table(), "params left")}"""
+
+
+def _khat_reading(khat: float) -> str:
+    """What one Pareto k̂ says (PSIS's thresholds), −∞ and NaN included."""
+    if math.isnan(khat):
+        return "not computed (K < 64)"
+    if khat == -math.inf:
+        return "no tail to fit: the weights take few distinct values"
+    return "reliable" if khat < 0.5 else "slow to converge" if khat < 0.7 else "not to be trusted at this K"
 
 
 @figure("marginal_bias_vs_k", "K times the bias of log-of-mean and the jackknifes vs K with theory",
@@ -459,9 +551,9 @@ def _marginal_bias(data: ReportData, path: Path) -> None:
 
 
 @section("seeds", needs=lambda data: data.experiments is not None,
-         unavailable="the course notes' experiments (not run)")
+         unavailable="the exact KL experiments (not run)")
 def _seeds(data: ReportData, drawn: Drawn) -> str:
-    return f"""<h2>The course notes' experiments</h2>
+    return f"""<h2>Forward and reverse KL, autoregressive orderings, code lengths: three exact experiments</h2>
 {drawn.html["bimodal_fits"]}
 {_table(data.experiments["bimodal"]["table"], "fits left")}
 {drawn.html["ar_hypothesis_spaces"]}
@@ -504,7 +596,7 @@ of both logit tensors. Ratios to the floor do not depend on the machine; asv tra
 
 @section("study")
 def _study(data: ReportData, drawn: Drawn) -> str:
-    return f"<h2>Study table</h2>\n{_table(data.kl[TABLE_COLUMNS], 'study')}"
+    return f"<h2>Study table</h2>\n<p>{esc(_noise_rule(len(data.kl)))}</p>\n{_study_table(data.kl)}"
 
 
 @section("truths")

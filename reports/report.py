@@ -1,5 +1,6 @@
 """The report's policy and its data: what :func:`default_report` studies, and :func:`run_report`, which runs
-the studies, the gradient gate on the built-in KL losses, the course notes' experiments and the timings into a :class:`ReportData` and then renders it
+the studies, the gradient gate on the built-in KL losses, the exact KL experiments and the timings into a
+:class:`ReportData` and then renders it
 (:func:`reports.html.render`)."""
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def default_report(quick: bool = False) -> ReportPlan:
 @dataclass(frozen=True)
 class ReportData:
     """Everything a report shows, computed before it is drawn: the KL study frame (:func:`reports.study.run_study`),
-    the sequence and marginal study frames, the course notes' experiments (:func:`reports.experiments.run_all`),
+    the sequence and marginal study frames, the exact KL experiments (:func:`reports.experiments.run_all`),
     the throughput tables (:func:`reports.throughput.throughput_tables`) and the provenance (name -> text);
     ``seed`` seeds the per-sample figure. What is None is left out of the page and said so."""
 

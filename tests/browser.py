@@ -4,7 +4,9 @@
 file. The script records, from the first line of <head> on, every console.error, uncaught exception, unhandled
 rejection and failed resource load, and the state of every <img>; it writes them as JSON into
 ``<pre id="estbench-check">``, which ``chromium --dump-dom`` hands back. Chromium's own log (stderr) is read
-too, for the console lines of the page only (never its dbus/GPU/sandbox noise).
+too, for the console lines of the page only (never its dbus/GPU/sandbox noise). The script also records what a
+reader could not see: content wider than the page or cut off by a box that hides its overflow, each table's width
+against its box (and whether that box scrolls), every empty table header, and each image's natural and shown width.
 """
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ BASE_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "
               "--no-default-browser-check", "--mute-audio")
 
 CHECK_ID = "estbench-check"
+#: A figure's width / height stays within these (Figure 6 was 6.5:1), and the page shows it at no less than
+#: MIN_SHOWN_SCALE of its natural width (its 10-pt labels shrank to 6 px).
+ASPECT_BOUNDS = (1 / 3, 3.0)
+MIN_SHOWN_SCALE = 0.6
+#: The width of the window the page is checked in, and of the body's content there (max-width 1400 px, 1em padding).
+WINDOW_WIDTH, CONTENT_WIDTH = 1400, 1368
 
 CHECKER_JS = """
 (function () {
@@ -45,11 +53,36 @@ CHECKER_JS = """
     if (!loaded || !document.body) return;
     var images = Array.prototype.map.call(document.images, function (img) {
       return {src: img.getAttribute("src"), url: img.currentSrc || img.src, complete: img.complete,
-              naturalWidth: img.naturalWidth, naturalHeight: img.naturalHeight};
+              naturalWidth: img.naturalWidth, naturalHeight: img.naturalHeight, shownWidth: img.clientWidth};
     });
     var pre = document.getElementById("%(id)s");
     if (!pre) { pre = document.createElement("pre"); pre.id = "%(id)s"; document.body.appendChild(pre); }
-    pre.textContent = JSON.stringify({loaded: true, images: images, problems: problems});
+    pre.textContent = JSON.stringify({loaded: true, images: images, problems: problems, layout: layout()});
+  }
+  function name(el) {
+    var classes = el.className ? "." + String(el.className).split(" ").join(".") : "";
+    return el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") + classes;
+  }
+  function scrolls(el) { var o = getComputedStyle(el).overflowX; return o === "auto" || o === "scroll"; }
+  function layout() {
+    /* what a reader cannot see: content wider than the page, or cut off by a box that hides its overflow */
+    var doc = document.documentElement, cut = [], tables = [], headers = [];
+    if (doc.scrollWidth > doc.clientWidth + 1)
+      cut.push("the page: " + doc.scrollWidth + " px wide in a " + doc.clientWidth + " px window");
+    Array.prototype.forEach.call(document.body.querySelectorAll("*"), function (el) {
+      var o = getComputedStyle(el).overflowX;
+      if ((o === "hidden" || o === "clip") && el.scrollWidth > el.clientWidth + 1)
+        cut.push(name(el) + ": " + el.scrollWidth + " px of content in " + el.clientWidth + " px");
+    });
+    Array.prototype.forEach.call(document.querySelectorAll("table"), function (t) {
+      var box = t.parentElement;
+      tables.push({table: name(t), width: Math.ceil(t.getBoundingClientRect().width), box: box.clientWidth,
+                   scrolls: scrolls(box)});
+      Array.prototype.forEach.call(t.querySelectorAll("th"), function (th, i) {
+        if (!th.textContent.trim()) headers.push(name(t) + " header " + (i + 1));
+      });
+    });
+    return {cut: cut, tables: tables, emptyHeaders: headers};
   }
   function report(kind, message) { problems.push({kind: kind, message: message}); render(); }
   var consoleError = console.error;
@@ -89,6 +122,7 @@ class ChromiumUnavailable(Exception):
 class PageCheck:
     images: list[dict]
     problems: list[dict]            # from the injected script: console.error, uncaught, rejection, resource
+    layout: dict                    # from the injected script: {"cut": [...], "tables": [...], "emptyHeaders": [...]}
     console_errors: list[str]       # from Chromium's log: console lines at ERROR level or "Uncaught ..."
     log: str = field(repr=False)    # Chromium's whole stderr, for messages
 
@@ -194,7 +228,7 @@ def console_errors(log: str) -> list[str]:
     return found
 
 
-def check_page(chromium: str, page: Path, profile: Path, window: str = "1400,3000") -> PageCheck:
+def check_page(chromium: str, page: Path, profile: Path, window: str = f"{WINDOW_WIDTH},3000") -> PageCheck:
     """Load ``page`` (which this edits: pass a copy) headless; return what its checker and the log saw."""
     inject_checker(page)
     cmd = [chromium, *_flags(profile), "--enable-logging=stderr", "--v=0", f"--window-size={window}",
@@ -205,7 +239,7 @@ def check_page(chromium: str, page: Path, profile: Path, window: str = "1400,300
     assert m, ("the page never reached window.load (no checker output in the dumped DOM); chromium said:\n"
                + done.stderr[-3000:])
     state = json.loads(html.unescape(m.group(1)))
-    return PageCheck(images=state["images"], problems=state["problems"],
+    return PageCheck(images=state["images"], problems=state["problems"], layout=state["layout"],
                      console_errors=console_errors(done.stderr), log=done.stderr)
 
 

@@ -1,5 +1,6 @@
 """A real report (`estbench report --quick`) rendered by headless Chromium: it loads with no console error,
-every <img> loads, and a screenshot is kept as an artifact.
+every <img> loads, nothing is cut off or wider than the page, every table fits or scrolls, every figure keeps a
+readable shape and size, every table header says something, and a screenshot is kept as an artifact.
 
 Chromium is found on PATH (or /usr/bin/chromium, or $ESTBENCH_CHROMIUM); when missing, it is apt-get installed
 if this runs as root on Linux, and the tests are skipped (never failed) when that cannot be done. The
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from reports.cli import main
-from tests.browser import ChromiumUnavailable, check_page, find_chromium, install_chromium, screenshot
+from tests.browser import (ASPECT_BOUNDS, MIN_SHOWN_SCALE, ChromiumUnavailable, check_page, find_chromium,
+                           install_chromium, screenshot)
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,6 +57,32 @@ def test_every_image_loads(page_check):
     assert not page_check.broken_images, f"images that did not load: {page_check.broken_images}"
 
 
+def test_nothing_is_cut_off_or_wider_than_the_page(page_check):
+    assert not page_check.layout["cut"], f"content a reader cannot see: {page_check.layout['cut']}"
+
+
+def test_every_table_fits_or_scrolls(page_check):
+    tables = page_check.layout["tables"]
+    assert tables
+    overflowing = [t for t in tables if t["width"] > t["box"] + 1 and not t["scrolls"]]
+    assert not overflowing, f"tables wider than their box, which does not scroll: {overflowing}"
+    study = [t for t in tables if ".study." in t["table"] + "."]
+    assert study and all(t["width"] <= t["box"] + 1 for t in study), f"the study table does not fit: {study}"
+
+
+def test_every_image_keeps_a_readable_shape_and_size(page_check):
+    low, high = ASPECT_BOUNDS
+    for img in page_check.images:
+        aspect = img["naturalWidth"] / img["naturalHeight"]
+        assert low <= aspect <= high, f"{img['src']}: aspect {aspect:.2f} outside [{low:.2f}, {high}]"
+        scale = img["shownWidth"] / img["naturalWidth"]
+        assert scale >= MIN_SHOWN_SCALE, f"{img['src']}: shown at {scale:.0%} of its size, its labels unreadable"
+
+
+def test_every_table_header_is_named(page_check):
+    assert not page_check.layout["emptyHeaders"], f"empty table headers: {page_check.layout['emptyHeaders']}"
+
+
 def test_screenshot(chromium, report, tmp_path):
     png = screenshot(chromium, report / "index.html", tmp_path / "report-screenshot.png",
                      profile=tmp_path / "profile")
@@ -63,4 +91,7 @@ def test_screenshot(chromium, report, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     kept = Path(shutil.copyfile(png, artifacts / "report-screenshot.png"))
     assert kept.stat().st_size == png.stat().st_size
-    print(f"\nreport screenshot: {kept}")
+    first = screenshot(chromium, report / "index.html", artifacts / "report-first-screen.png",
+                       profile=tmp_path / "profile", window="1400,900")
+    assert first.read_bytes()[:8] == PNG_MAGIC
+    print(f"\nreport screenshot: {kept}; its first screen: {first}")
