@@ -41,6 +41,7 @@ th { background: #f0f0f0; cursor: pointer; } th.sorted-asc::after { content: " ‚
 table.study { font-size: 12px; } table.study th { position: sticky; top: 0; z-index: 1; }
 table.provenance th, table.provenance td, table.left td, table.left th { text-align: left; white-space: normal; }
 .waiting { color: #777; font-style: italic; }
+.warning { color: #8a4b00; background: #fff3cd; border-left: 4px solid #e0a800; padding: 4px 8px; }
 """
 
 # Click a column header to sort the table by it (numbers numerically); no library, no network.
@@ -444,12 +445,18 @@ def _hypothesis_spaces(data: ReportData, path: Path) -> dict:
 @section("throughput", needs=lambda data: data.throughput is not None, unavailable="throughput (not timed)")
 def _throughput(data: ReportData, drawn: Drawn) -> str:
     """Time per estimator on 10‚Å∂ float32 log-prob pairs, a whole study and the vocabulary KL, each against its floor."""
+    from .throughput import BUSY_SPREAD, REPEAT, TIMING_THREADS, busy_warning
+
     tables = data.throughput
+    warning = busy_warning(tables)
     return f"""<h2>Throughput on this machine</h2>
-<p>Best of three runs, timed in this process. The floor of an estimator is one exp and one log pass over as
-many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the dtype its
-ground-truth models draw in; float32 is shown for reference); the floor of the exact vocabulary KL is one read
-of both logit tensors. Ratios to the floor do not depend on the machine; asv tracks them over commits.</p>
+{f'<p class="warning">{esc(warning)}</p>' if warning else ""}
+<p>Median of {REPEAT} runs with {TIMING_THREADS} intra-op thread, timed in this process; spread is the interquartile
+range over the median (above {BUSY_SPREAD:.0%} the machine was busy). The floor of an estimator is one exp and one
+log pass over as many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the
+dtype its ground-truth models draw in; float32 is shown for reference); the floor of the exact vocabulary KL is one
+read of both logit tensors. Ratios to a floor timed beside the work cancel most of a machine's speed, not all of
+it (cache sizes and vector units differ); asv tracks them over commits.</p>
 {_table(tables["estimators"], "speed left")}
 {_table(tables["study"], "study left")}
 {_table(tables["vocabulary KL"], "vocab left")}"""

@@ -1,0 +1,56 @@
+"""Timings that mean something on a shared machine (reports.throughput): fixed intra-op threads while timing and
+restored afterwards, the median of several calls with its spread, and a warning when the spread says the machine
+was busy."""
+import time
+
+import pandas as pd
+import torch
+
+from reports import throughput
+from reports.throughput import BUSY_SPREAD, TIMING_THREADS, busy_warning, timed
+
+
+def test_timing_uses_fixed_threads_and_restores_them():
+    before = torch.get_num_threads()
+    torch.set_num_threads(TIMING_THREADS + 1)
+    seen = []
+    try:
+        timed(lambda: seen.append(torch.get_num_threads()), repeat=3)
+        assert seen == [TIMING_THREADS] * 4  # one warm-up call, then three timed
+        assert torch.get_num_threads() == TIMING_THREADS + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_are_restored_when_the_timed_call_raises():
+    before = torch.get_num_threads()
+    try:
+        timed(lambda: 1 / 0)
+    except ZeroDivisionError:
+        pass
+    assert torch.get_num_threads() == before
+
+
+def test_steady_calls_are_not_busy_and_erratic_calls_are():
+    steady = timed(lambda: time.sleep(0.004), repeat=5)
+    assert abs(steady.seconds - 0.004) < 0.003 and not steady.busy, steady
+    delays = iter([0.001, 0.001, 0.012, 0.001, 0.012, 0.001])  # warm-up, then 1, 12, 1, 12, 1 ms: IQR/median = 11
+    erratic = timed(lambda: time.sleep(next(delays)), repeat=5)
+    assert erratic.busy and erratic.spread > BUSY_SPREAD, erratic
+
+
+def test_busy_warning_names_the_rows_that_spread():
+    calm = pd.DataFrame({"estimator": ["k1", "k3"], "ms": [1.0, 1.1], "spread": [0.05, 0.1]})
+    assert busy_warning({"estimators": calm}) == ""
+    busy = calm.assign(spread=[0.05, BUSY_SPREAD + 0.3])
+    warning = busy_warning({"estimators": busy})
+    assert "busy" in warning and "estimators: k3 " in warning and "k1" not in warning
+
+
+def test_tables_carry_the_spread_of_each_row():
+    lp = torch.randn(10 ** 4)
+    frame = throughput.estimator_throughput([("k1", lambda p, q: q - p)], lp, lp + 0.1)
+    assert list(frame.columns) == ["estimator", "samples", "ms", "× floor", "spread"]
+    assert (frame["spread"] >= 0).all() and (frame["× floor"] > 0).all()
+    vocab = throughput.vocab_throughput(rows=2, vocab=1000)
+    assert "spread" in vocab and (vocab["× read floor"] > 0).all()
