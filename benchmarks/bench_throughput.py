@@ -1,6 +1,6 @@
 """Throughput: time_ and peakmem_ of the estimators, a whole study and the vocabulary KL, with time / floor
 ratios (track_, lower is better; medians of several calls) measured against floors in the same process. Every
-benchmark here runs with the same fixed number of intra-op threads (``TIMING_THREADS``)."""
+benchmark here runs with the same fixed number of intra-op threads (``TIMING_THREADS``) and a steady allocator."""
 import functools
 import os
 
@@ -10,10 +10,11 @@ from estimators import kl
 from estimators.vocab import token_kl
 from reports.study import StudyConfig, run_study
 
-from reports.throughput import (PASSES, TIMING_THREADS, logit_pair, read_floor, require_device, study_throughput,
-                                timed, torch_token_kl, vocab_gpu_figures)
+from reports.throughput import (PASSES, TIMING_THREADS, logit_pair, read_floor, require_device, steady_allocator,
+                                study_throughput, timed, torch_token_kl, vocab_gpu_figures)
 
 torch.set_num_threads(TIMING_THREADS)  # asv times each benchmark in a process of its own, which imports this
+steady_allocator()
 
 #: ESTBENCH_ASV_SMOKE=1 (CI's dry run) keeps the small sizes only, so that a broken benchmark fails fast.
 SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"

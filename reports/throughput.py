@@ -5,10 +5,12 @@ machine's load. Used by the asv suite, the report's throughput section and ``est
 Every time is the median of :data:`REPEAT` calls with its spread, the interquartile range over the median; a
 spread above :data:`BUSY_SPREAD` means the machine was busy while timing (other processes took the cores), and
 :func:`busy_warning` says so."""
+import ctypes
+import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,25 @@ REPEAT = 11
 #: A spread above this (IQR / median) marks a timing taken on a busy machine. Unloaded, the spread of these
 #: timings stays below 0.1 here (2 shared cores); under a competing load it reaches 0.3–1.
 BUSY_SPREAD = 0.5
+
+
+#: glibc's mallopt parameters, and the values that keep freed memory in the process: a block up to 1 GiB comes
+#: from the heap rather than its own mmap, and the heap is never trimmed back to the system.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+STEADY_MALLOC = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 2 ** 31 - 1}
+
+
+@cache
+def steady_allocator() -> bool:
+    """Fix glibc's allocator thresholds for the rest of the process (True where it is glibc and accepted them).
+    By default glibc adapts them as blocks are freed, so the same call either reuses heap memory or maps and
+    faults in fresh pages each time, depending on what ran before: k3 on 10⁶ floats took 1.2 ms or 5–6 ms in
+    the same process, a whole pytest-benchmark run 10× slower than the previous one. The price: a timing
+    process keeps the memory it freed."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(param, value) == 1 for param, value in STEADY_MALLOC.items())
 
 
 @contextmanager
@@ -55,8 +76,9 @@ class Timing:
 
 
 def timed(fn, repeat: int = REPEAT) -> Timing:
-    """Time ``repeat`` calls of ``fn`` (after one warm-up call) with :data:`TIMING_THREADS` threads,
-    synchronising CUDA."""
+    """Time ``repeat`` calls of ``fn`` (after one warm-up call) with :data:`TIMING_THREADS` threads and a
+    :func:`steady_allocator`, synchronising CUDA."""
+    steady_allocator()
     times = []
     with fixed_threads():
         for _ in range(repeat + 1):

@@ -1,9 +1,8 @@
 """Timings that mean something on a shared machine (reports.throughput): fixed intra-op threads while timing and
 restored afterwards, the median of several calls with its spread, and a warning when the spread says the machine
 was busy."""
-import time
-
 import pandas as pd
+import pytest
 import torch
 
 from reports import throughput
@@ -31,12 +30,21 @@ def test_threads_are_restored_when_the_timed_call_raises():
     assert torch.get_num_threads() == before
 
 
-def test_steady_calls_are_not_busy_and_erratic_calls_are():
-    steady = timed(lambda: time.sleep(0.004), repeat=5)
-    assert abs(steady.seconds - 0.004) < 0.003 and not steady.busy, steady
-    delays = iter([0.001, 0.001, 0.012, 0.001, 0.012, 0.001])  # warm-up, then 1, 12, 1, 12, 1 ms: IQR/median = 11
-    erratic = timed(lambda: time.sleep(next(delays)), repeat=5)
-    assert erratic.busy and erratic.spread > BUSY_SPREAD, erratic
+def fake_clock(monkeypatch, durations):
+    """A perf_counter that only moves when the timed function runs: by the next of ``durations`` (seconds)."""
+    now, steps = [0.0], iter(durations)
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
+
+    def work():
+        now[0] += next(steps)
+    return work
+
+
+def test_steady_calls_are_not_busy_and_erratic_calls_are(monkeypatch):
+    steady = timed(fake_clock(monkeypatch, [9e-3, 4.0e-3, 4.1e-3, 3.9e-3, 4.0e-3, 4.2e-3]), repeat=5)
+    assert steady.seconds == pytest.approx(4e-3) and steady.spread == pytest.approx(0.025) and not steady.busy  # warm-up left out
+    erratic = timed(fake_clock(monkeypatch, [1e-3, 1e-3, 12e-3, 1e-3, 12e-3, 1e-3]), repeat=5)
+    assert erratic.seconds == pytest.approx(1e-3) and erratic.spread == pytest.approx(11) and erratic.busy
 
 
 def test_busy_warning_names_the_rows_that_spread():
