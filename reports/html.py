@@ -19,7 +19,7 @@ import pandas as pd
 from reference_models import get_case
 from reference_models.bayesnet import parameter_table
 
-from . import experiments, figures
+from . import experiments, figures, history
 from .catalog import ESTIMATORS, EstimatorSpec, exact_moments
 from .report import ReportData
 
@@ -27,8 +27,7 @@ __all__ = ["Figure", "Section", "Drawn", "FIGURES", "SECTIONS", "figure", "secti
 
 TABLE_COLUMNS = ["case", "estimator", "n", "truth", "mean", "bias", "bias_se", "rel_bias", "rsd", "rmse",
                  "frac_negative", "nonfinite", "truth_method"]
-#: The project's asv configuration, beside the packages in a checkout (absent where estbench is installed alone).
-ASV_CONF = Path(__file__).resolve().parents[1] / "asv.conf.json"
+ASV_CONF = history.ASV_CONF
 esc = html.escape
 
 CSS = """
@@ -218,7 +217,8 @@ def _asv_link() -> str:
     if not index.is_file():
         return ("<p>No asv history here yet (run <code>asv run</code> and <code>asv publish</code> to make "
                 "one).</p>")
-    return f'<p><a href="{esc(index.resolve().as_uri())}">asv history of the benchmarks</a></p>'
+    return (f'<p><a href="{esc(index.resolve().as_uri())}">asv history of the benchmarks</a> (its page loads its '
+            f"data over HTTP: <code>python -m reports.asv_offline --serve</code> serves it offline)</p>")
 
 
 # --- the sections and their figures, in page order ----------------------------------------------------------------------
@@ -460,6 +460,34 @@ it (cache sizes and vector units differ); asv tracks them over commits.</p>
 {_table(tables["estimators"], "speed left")}
 {_table(tables["study"], "study left")}
 {_table(tables["vocabulary KL"], "vocab left")}"""
+
+
+@section("history")
+def _history(data: ReportData, drawn: Drawn) -> str:
+    """asv's track_ metrics by commit, and the commits where one moved beyond its noise."""
+    frame = data.history
+    title = "<h2>Benchmark history (asv track_ metrics by commit)</h2>"
+    if frame is None or frame.empty:
+        return f"{title}\n<p>{esc('Not read.' if frame is None else frame.attrs.get('note', ''))}</p>"
+    moved = frame[frame["moved"]].assign(commit=lambda f: f["commit"].str[:8])
+    rows = moved[["benchmark", "params", "machine", "commit", "date", "value", "step", "noise"]]
+    return f"""{title}
+<p>{frame["commit"].nunique()} commits, {frame.groupby(["machine", "benchmark", "params"]).ngroups} series of
+{frame["benchmark"].nunique()} metrics, read from asv's results. A commit is flagged when its step from the previous
+commit exceeds {history.NOISE_FACTOR:g} × the series' noise (1.4826 × the median absolute deviation of its steps)
+and {history.RELATIVE_FLOOR:g} of the previous value, once the series has {history.MIN_STEPS} steps; seeded
+statistics repeat exactly on unchanged code, so any change of theirs is flagged. {len(moved)} flagged.</p>
+{drawn.html["benchmark_history"]}
+{_table(rows, "history left") if len(rows) else ""}"""
+
+
+@figure("benchmark_history", "asv track_ metrics over commits, flagged commits marked",
+        "Each asv track_ metric over the commits (value over the series' median; one line per parameter set and "
+        "machine); a red × marks a commit where the metric moved beyond its noise.",
+        needs=lambda data: data.history is not None and not data.history.empty,
+        unavailable="the benchmark history (no asv results)", section="history")
+def _benchmark_history(data: ReportData, path: Path) -> None:
+    history.draw_history(data.history, path)
 
 
 @section("study")

@@ -88,8 +88,9 @@ def default_report(quick: bool = False) -> ReportPlan:
 class ReportData:
     """Everything a report shows, computed before it is drawn: the KL study frame (:func:`reports.study.run_study`),
     the sequence and marginal study frames, the course notes' experiments (:func:`reports.experiments.run_all`),
-    the throughput tables (:func:`reports.throughput.throughput_tables`) and the provenance (name -> text);
-    ``seed`` seeds the per-sample figure. What is None is left out of the page and said so."""
+    the throughput tables (:func:`reports.throughput.throughput_tables`), the benchmark history asv saved
+    (:func:`reports.history.load_history`) and the provenance (name -> text); ``seed`` seeds the per-sample figure.
+    What is None is left out of the page and said so."""
 
     kl: pd.DataFrame
     provenance: dict[str, str]
@@ -98,6 +99,7 @@ class ReportData:
     marginal: pd.DataFrame | None = None
     experiments: dict | None = None
     throughput: dict[str, pd.DataFrame] | None = None
+    history: pd.DataFrame | None = None
 
     def __post_init__(self):
         missing = [c for c in COLUMNS if c not in self.kl.columns]
@@ -106,8 +108,9 @@ class ReportData:
 
 
 def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: bool = False) -> ReportData:
-    """Run ``plan``'s studies (their cells cached in ``cache_dir``), the experiments and the timings."""
-    from . import experiments, throughput
+    """Run ``plan``'s studies (their cells cached in ``cache_dir``), the experiments and the timings, and read
+    the benchmark history."""
+    from . import experiments, history, throughput
 
     start = time.perf_counter()
     kl = run_study(plan.kl_study(), progress=progress, cache_dir=cache_dir)
@@ -125,7 +128,7 @@ def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: boo
         meta["marginal study"] = (f"{len(plan.marginal_cases)} cases, K ∈ "
                                   f"{{{', '.join(map(str, marginal['K'].unique()))}}}, {marginal_replicates} replicates")
     speed = throughput.throughput_tables([(e, get_estimator(e).fn) for e in kl["estimator"].unique()], plan.seed)
-    return ReportData(kl, meta, plan.seed, seq, marginal, experiments.run_all(), speed)
+    return ReportData(kl, meta, plan.seed, seq, marginal, experiments.run_all(), speed, history.load_history())
 
 
 def run_report(plan: ReportPlan, out_dir: str | Path, progress: bool = True, resume: bool = True) -> Path:
