@@ -485,7 +485,7 @@ statistics repeat exactly on unchanged code, so any change of theirs is flagged.
         "Each asv track_ metric over the commits (value over the series' median; one line per parameter set and "
         "machine); a red × marks a commit where the metric moved beyond its noise.",
         needs=lambda data: data.history is not None and not data.history.empty,
-        unavailable="the benchmark history (no asv results)", section="history")
+        unavailable="the benchmark history (no asv results read)", section="history")
 def _benchmark_history(data: ReportData, path: Path) -> None:
     history.draw_history(data.history, path)
 

@@ -26,7 +26,7 @@ META = {"seed": "0", "command": "pytest", "versions": "test", "commit": "abc123"
 @pytest.fixture(scope="module")
 def data():
     plan = ReportPlan(cases=CASES, estimators=ESTIMATORS, ns=(10, 100), replicates=50, seed=0, marginal_cases=())
-    return replace(collect(plan), provenance=META)
+    return replace(collect(plan), provenance=META, history=None)  # the history is tested in test_history
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,8 @@ def test_a_registered_figure_is_numbered_and_one_without_its_data_is_listed(data
                        "the production clamps' bias (needs the heavy-ratio case and a clamped variant)",
                        "the moon's KL (needs a moon in the study)",
                        "Rao-Blackwellized KL on the sequence cases (no sequence case in this study)",
-                       "log-of-mean bias vs K (no marginal study)"]
+                       "log-of-mean bias vs K (no marginal study)",
+                       "the benchmark history (no asv results read)"]
     assert "moon.png" not in text and not (tmp_path / "figures" / "moon.png").exists()
 
 
