@@ -217,8 +217,8 @@ def _asv_link() -> str:
     if not index.is_file():
         return ("<p>No asv history here yet (run <code>asv run</code> and <code>asv publish</code> to make "
                 "one).</p>")
-    return (f'<p><a href="{esc(index.resolve().as_uri())}">asv history of the benchmarks</a> (its page loads its '
-            f"data over HTTP: <code>python -m reports.asv_offline --serve</code> serves it offline)</p>")
+    return (f'<p><a href="{esc(index.resolve().as_uri())}">asv history of the benchmarks</a> (to view it offline: '
+            "<code>python -m reports.asv_offline</code>, then <code>asv preview</code>)</p>")
 
 
 # --- the sections and their figures, in page order ----------------------------------------------------------------------

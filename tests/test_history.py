@@ -17,17 +17,18 @@ from reports.study import run_study
 MACHINE = "ci-box"
 
 
-def write_results(results_dir: Path, series: dict[str, list[float]], machine: str = MACHINE) -> None:
-    """asv result files (written by asv's own Results) for commits c0, c1, ...: ``series`` maps a benchmark to
-    its value at each commit, every benchmark parametrised by two devices (cpu: value, cuda: 2 × value), beside
-    a time_ benchmark that the history must leave out."""
+def write_results(results_dir: Path, series: dict[str, list[float]], machine: str = MACHINE,
+                  commits: list[str] | None = None) -> None:
+    """asv result files (written by asv's own Results) for ``commits`` (default: "000…", "111…", ...), one a day:
+    ``series`` maps a benchmark to its value at each commit, every benchmark parametrised by two devices (cpu:
+    value, cuda: 2 × value), beside a time_ benchmark that the history must leave out."""
     (results_dir / machine).mkdir(parents=True, exist_ok=True)
     (results_dir / machine / "machine.json").write_text(json.dumps({"machine": machine, "version": 1}))
-    commits = len(next(iter(series.values())))
-    for i in range(commits):
-        result = Results({"machine": machine, "python": "3.11"}, {}, str(i) * 40, 1_700_000_000_000 + i * 86_400_000,
+    count = len(next(iter(series.values())))
+    for i, commit in enumerate(commits or [str(i) * 40 for i in range(count)]):
+        result = Results({"machine": machine, "python": "3.11"}, {}, commit, 1_700_000_000_000 + i * 86_400_000,
                          "3.11", "existing-py", {})
-        for name, values in {**series, "bench_throughput.Study.time_study": [1e-3] * commits}.items():
+        for name, values in {**series, "bench_throughput.Study.time_study": [1e-3] * count}.items():
             benchmark = {"name": name, "params": [["'cpu'", "'cuda'"]], "version": "1"}
             result.add_result(benchmark, BenchmarkResult(result=[values[i], 2 * values[i]], samples=[[values[i]], [2 * values[i]]],
                                                          number=[1, 1], errcode=0, stderr="", profile=None))
