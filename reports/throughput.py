@@ -238,10 +238,10 @@ def vocab_gpu_figures(rows: int = 16384, vocab: int = 131072, dtype: torch.dtype
     gradients of the summed KL): token_kl's Triton kernels and its torch path, against ``log_softmax`` + ``kl_div``
     in torch, eager and under ``torch.compile``, and Liger-Kernel's KL loss (where installed) on log-probabilities
     made beforehand (its kernel alone) and from logits (``log_softmax`` of both first). Liger differentiates its
-    input (log q) only; the others give both gradients. Per method and pass: ms (median of ``repeat``) and its spread, GB/s of the
-    least traffic of the pass (:data:`PASSES` · rows · vocab · itemsize bytes), the fraction of the card's peak
-    bandwidth, and the time over each of :data:`BASELINES`. A comparison that fails (Liger's internals change
-    between its releases; torch.compile needs a compiler) is left out, and ``frame.attrs`` says why.
+    input (log q) only; the others give both gradients. Per method and pass: ms (median of ``repeat``) and its
+    spread, GB/s of the least traffic of the pass (:data:`PASSES` · rows · vocab · itemsize bytes), the fraction of
+    the card's peak bandwidth, and the time over each of :data:`BASELINES`. A comparison that fails (Liger's internals
+    change between its releases; torch.compile needs a compiler) is left out, and ``frame.attrs`` says why.
     (``device="cpu"`` runs the same table on small shapes under Triton's interpreter: for tests.)"""
     require_device(device)
     a, b = logit_pair(rows, vocab, dtype, device, seed)

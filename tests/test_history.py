@@ -30,8 +30,9 @@ def write_results(results_dir: Path, series: dict[str, list[float]], machine: st
                          "3.11", "existing-py", {})
         for name, values in {**series, "bench_throughput.Study.time_study": [1e-3] * count}.items():
             benchmark = {"name": name, "params": [["'cpu'", "'cuda'"]], "version": "1"}
-            result.add_result(benchmark, BenchmarkResult(result=[values[i], 2 * values[i]], samples=[[values[i]], [2 * values[i]]],
-                                                         number=[1, 1], errcode=0, stderr="", profile=None))
+            pair = [values[i], 2 * values[i]]
+            result.add_result(benchmark, BenchmarkResult(result=pair, samples=[[v] for v in pair], number=[1, 1],
+                                                         errcode=0, stderr="", profile=None))
         result.save(str(results_dir))
 
 
@@ -40,7 +41,8 @@ NOISY = [2.0, 2.1, 1.9, 2.05, 1.95, 2.0]
 
 
 def test_reads_every_track_metric_by_commit(tmp_path):
-    write_results(tmp_path, {"bench_statistics.KL.track_rsd": STEADY, "bench_throughput.X.track_time_over_floor": NOISY})
+    write_results(tmp_path, {"bench_statistics.KL.track_rsd": STEADY,
+                             "bench_throughput.X.track_time_over_floor": NOISY})
     frame = history.load_history(tmp_path)
     assert set(frame["benchmark"]) == {"bench_statistics.KL.track_rsd", "bench_throughput.X.track_time_over_floor"}
     assert len(frame) == 2 * 2 * 6 and set(frame["params"]) == {"'cpu'", "'cuda'"}
