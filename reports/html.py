@@ -452,10 +452,10 @@ def _throughput(data: ReportData, drawn: Drawn) -> str:
     return f"""<h2>Throughput on this machine</h2>
 {f'<p class="warning">{esc(warning)}</p>' if warning else ""}
 <p>Median of {REPEAT} runs (5 for the whole study) with {TIMING_THREADS} intra-op thread, timed in this process;
-spread is the interquartile range over the median (above {BUSY_SPREAD:.0%} the machine was busy). The floor of an estimator is one exp and one
-log pass over as many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the
-dtype its ground-truth models draw in; float32 is shown for reference); the floor of the exact vocabulary KL is one
-read of both logit tensors. Ratios to a floor timed beside the work cancel most of a machine's speed, not all of
+spread is the interquartile range over the median (above {BUSY_SPREAD:.0%} the machine was busy). The floor of an
+estimator is one exp and one log pass over as many elements; the floor of a whole study is drawing its samples plus
+that pass (float64 is the dtype its ground-truth models draw in; float32 is shown for reference); the floor of the
+exact vocabulary KL is one read of both logit tensors. Ratios to a floor timed beside the work cancel most of a machine's speed, not all of
 it (cache sizes and vector units differ); asv tracks them over commits.</p>
 {_table(tables["estimators"], "speed left")}
 {_table(tables["study"], "study left")}
