@@ -1,5 +1,6 @@
 """Throughput: time_ and peakmem_ of the estimators, a whole study and the vocabulary KL, with time / floor
-ratios (track_, lower is better) measured against floors in the same process."""
+ratios (track_, lower is better; medians of several calls) measured against floors in the same process. Every
+benchmark here runs with the same fixed number of intra-op threads (``TIMING_THREADS``) and a steady allocator."""
 import functools
 import os
 
@@ -9,8 +10,11 @@ from estimators import kl
 from estimators.vocab import token_kl
 from reports.study import StudyConfig, run_study
 
-from reports.throughput import (PASSES, best_of, logit_pair, read_floor, require_device, study_throughput,
-                                torch_token_kl, vocab_gpu_figures)
+from reports.throughput import (PASSES, TIMING_THREADS, logit_pair, read_floor, require_device, steady_allocator,
+                                study_throughput, timed, torch_token_kl, vocab_gpu_figures)
+
+torch.set_num_threads(TIMING_THREADS)  # asv times each benchmark in a process of its own, which imports this
+steady_allocator()
 
 #: ESTBENCH_ASV_SMOKE=1 (CI's dry run) keeps the small sizes only, so that a broken benchmark fails fast.
 SMOKE = os.environ.get("ESTBENCH_ASV_SMOKE") == "1"
@@ -42,8 +46,8 @@ class Estimators:
 
     def track_time_over_floor(self, n, name, device):
         """Time / (one exp and one log pass over n elements)."""
-        floor = best_of(lambda: torch.log(torch.exp(self.log_q)))
-        return best_of(lambda: self.fn(self.log_p, self.log_q)) / floor
+        floor = timed(lambda: torch.log(torch.exp(self.log_q))).seconds
+        return timed(lambda: self.fn(self.log_p, self.log_q)).seconds / floor
 
     track_time_over_floor.unit = "× floor"
 
@@ -119,12 +123,12 @@ class VocabKL:
         self._torch()
 
     def track_time_over_torch(self, vocab, dtype, device):
-        return best_of(lambda: token_kl(self.a, self.b)) / best_of(self._torch)
+        return timed(lambda: token_kl(self.a, self.b)).seconds / timed(self._torch).seconds
 
     track_time_over_torch.unit = "× torch"
 
     def track_time_over_read_floor(self, vocab, dtype, device):
-        return best_of(lambda: token_kl(self.a, self.b)) / read_floor(self.a, self.b)
+        return timed(lambda: token_kl(self.a, self.b)).seconds / read_floor(self.a, self.b).seconds
 
     track_time_over_read_floor.unit = "× floor"
 

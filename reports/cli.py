@@ -316,6 +316,8 @@ def _throughput(args) -> int:
                                                    if spec.form == "token"], args.seed)
             for title, frame in tables.items():
                 print(f"{title}:\n{frame.to_string(index=False)}\n")
+            print(throughput.busy_warning(tables) or f"timed with {throughput.TIMING_THREADS} intra-op thread, "
+                  f"median of {throughput.REPEAT} calls; spread = IQR / median")
             return EXIT_OK
         if not torch.cuda.is_available():
             raise UsageError("--gpu needs a CUDA device, and torch sees none")

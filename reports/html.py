@@ -19,7 +19,7 @@ import pandas as pd
 from reference_models import get_case
 from reference_models.bayesnet import parameter_table
 
-from . import experiments, figures
+from . import experiments, figures, history
 from .catalog import ESTIMATORS, KL_FORMS, EstimatorSpec, exact_moments
 from .cells import BIASED, CASE, NOISE, assumptions, at_noise, critical_z, verdicts
 from .stats import z_score
@@ -48,8 +48,7 @@ COLUMN_NOTES = {
             "threshold, so there is no tail to fit (a discrete latent gives few distinct weights)",
     "ess": "Kish's effective sample size (Σw)²/Σw² of K weights, averaged over replicates",
 }
-#: The project's asv configuration, beside the packages in a checkout (absent where estbench is installed alone).
-ASV_CONF = Path(__file__).resolve().parents[1] / "asv.conf.json"
+ASV_CONF = history.ASV_CONF
 esc = html.escape
 
 CSS = """
@@ -65,6 +64,7 @@ table.provenance th, table.provenance td, table.left td, table.left th { text-al
 tr.biased td { background: #fdd9b5; font-weight: 600; } tr.case td { background: #e4ecf7; }
 .notes { font-size: 0.8em; color: #555; margin-top: 0.3em; }
 .waiting { color: #777; font-style: italic; }
+.warning { color: #8a4b00; background: #fff3cd; border-left: 4px solid #e0a800; padding: 4px 8px; }
 """
 
 # Click a column header to sort the table by it (numbers numerically); no library, no network.
@@ -286,7 +286,8 @@ def _asv_link() -> str:
     if not index.is_file():
         return ("<p>No asv history here yet (run <code>asv run</code> and <code>asv publish</code> to make "
                 "one).</p>")
-    return f'<p><a href="{esc(index.resolve().as_uri())}">asv history of the benchmarks</a></p>'
+    return (f'<p><a href="{esc(index.resolve().as_uri())}">asv history of the benchmarks</a> (to view it offline: '
+            "<code>python -m reports.asv_offline</code>, then <code>asv preview</code>)</p>")
 
 
 # --- the sections and their figures, in page order ----------------------------------------------------------------------
@@ -583,15 +584,49 @@ def _hypothesis_spaces(data: ReportData, path: Path) -> dict:
 @section("throughput", needs=lambda data: data.throughput is not None, unavailable="throughput (not timed)")
 def _throughput(data: ReportData, drawn: Drawn) -> str:
     """Time per estimator on 10⁶ float32 log-prob pairs, a whole study and the vocabulary KL, each against its floor."""
+    from .throughput import BUSY_SPREAD, REPEAT, TIMING_THREADS, busy_warning
+
     tables = data.throughput
+    warning = busy_warning(tables)
     return f"""<h2>Throughput on this machine</h2>
-<p>Best of three runs, timed in this process. The floor of an estimator is one exp and one log pass over as
-many elements; the floor of a whole study is drawing its samples plus that pass (float64 is the dtype its
-ground-truth models draw in; float32 is shown for reference); the floor of the exact vocabulary KL is one read
-of both logit tensors. Ratios to the floor do not depend on the machine; asv tracks them over commits.</p>
+{f'<p class="warning">{esc(warning)}</p>' if warning else ""}
+<p>Median of {REPEAT} runs (5 for the whole study) with {TIMING_THREADS} intra-op thread, timed in this process;
+spread is the interquartile range over the median (above {BUSY_SPREAD:.0%} the machine was busy). The floor of an
+estimator is one exp and one log pass over as many elements; the floor of a whole study is drawing its samples plus
+that pass (float64 is the dtype its ground-truth models draw in; float32 is shown for reference); the floor of the
+exact vocabulary KL is one read of both logit tensors. Ratios to a floor timed beside the work cancel most of a machine's speed, not all of
+it (cache sizes and vector units differ); asv tracks them over commits.</p>
 {_table(tables["estimators"], "speed left")}
 {_table(tables["study"], "study left")}
 {_table(tables["vocabulary KL"], "vocab left")}"""
+
+
+@section("history")
+def _history(data: ReportData, drawn: Drawn) -> str:
+    """asv's track_ metrics by commit, and the commits where one moved beyond its noise."""
+    frame = data.history
+    title = "<h2>Benchmark history (asv track_ metrics by commit)</h2>"
+    if frame is None or frame.empty:
+        return f"{title}\n<p>{esc('Not read.' if frame is None else frame.attrs.get('note', ''))}</p>"
+    moved = frame[frame["moved"]].assign(commit=lambda f: f["commit"].str[:8])
+    rows = moved[["benchmark", "params", "machine", "commit", "date", "value", "step", "noise"]]
+    return f"""{title}
+<p>{frame["commit"].nunique()} commits, {frame.groupby(["machine", "benchmark", "params"]).ngroups} series of
+{frame["benchmark"].nunique()} metrics, read from asv's results. A commit is flagged when its step from the previous
+commit exceeds {history.NOISE_FACTOR:g} × the series' noise (1.4826 × the median absolute deviation of its steps)
+and {history.RELATIVE_FLOOR:g} of the previous value, once the series has {history.MIN_STEPS} steps; seeded
+statistics repeat exactly on unchanged code, so any change of theirs is flagged. {len(moved)} flagged.</p>
+{drawn.html["benchmark_history"]}
+{_table(rows, "history left") if len(rows) else ""}"""
+
+
+@figure("benchmark_history", "asv track_ metrics over commits, flagged commits marked",
+        "Each asv track_ metric over the commits (value over the series' median; one line per parameter set and "
+        "machine); a red × marks a commit where the metric moved beyond its noise.",
+        needs=lambda data: data.history is not None and not data.history.empty,
+        unavailable="the benchmark history (no asv results read)", section="history")
+def _benchmark_history(data: ReportData, path: Path) -> None:
+    history.draw_history(data.history, path)
 
 
 @section("study")

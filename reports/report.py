@@ -106,8 +106,10 @@ def default_report(quick: bool = False) -> ReportPlan:
 class ReportData:
     """Everything a report shows, computed before it is drawn: the KL study frame (:func:`reports.study.run_study`),
     the sequence and marginal study frames, the exact KL experiments (:func:`reports.experiments.run_all`),
-    the throughput tables (:func:`reports.throughput.throughput_tables`) and the provenance (name -> text);
-    ``seed`` seeds the per-sample figure. What is None is left out of the page and said so."""
+    the throughput tables (:func:`reports.throughput.throughput_tables`), the benchmark history asv saved
+    (:func:`reports.history.load_history`), the gradient gate's frame (:mod:`reports.grad_gate`) and the
+    provenance (name -> text); ``seed`` seeds the per-sample figure. What is None is left out of the page and
+    said so."""
 
     kl: pd.DataFrame
     provenance: dict[str, str]
@@ -116,7 +118,8 @@ class ReportData:
     marginal: pd.DataFrame | None = None
     experiments: dict | None = None
     throughput: dict[str, pd.DataFrame] | None = None
-    gradients: pd.DataFrame | None = None  # the gradient gate's frame (reports.grad_gate)
+    history: pd.DataFrame | None = None
+    gradients: pd.DataFrame | None = None
 
     def __post_init__(self):
         missing = [c for c in COLUMNS if c not in self.kl.columns]
@@ -126,9 +129,9 @@ class ReportData:
 
 def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: bool = False,
             executor: Executor | None = None) -> ReportData:
-    """Run ``plan``'s studies (their cells cached in ``cache_dir``, their chunks on ``executor``), the
-    experiments and the timings."""
-    from . import experiments, throughput
+    """Run ``plan``'s studies (their cells cached in ``cache_dir``, their chunks on ``executor``), the gradient
+    gate, the experiments and the timings, and read the benchmark history."""
+    from . import experiments, history, throughput
 
     start = time.perf_counter()
     study = partial(run_study, progress=progress, cache_dir=cache_dir, executor=executor)
@@ -153,7 +156,8 @@ def collect(plan: ReportPlan, cache_dir: str | Path | None = None, progress: boo
         meta["marginal study"] = (f"{len(plan.marginal_cases)} cases, K ∈ "
                                   f"{{{', '.join(map(str, marginal['K'].unique()))}}}, {marginal_replicates} replicates")
     speed = throughput.throughput_tables([(e, get_estimator(e).fn) for e in kl["estimator"].unique()], plan.seed)
-    return ReportData(kl, meta, plan.seed, seq, marginal, experiments.run_all(), speed, grads)
+    return ReportData(kl, meta, plan.seed, seq, marginal, experiments.run_all(), speed, history.load_history(),
+                      grads)
 
 
 def run_report(plan: ReportPlan, out_dir: str | Path, progress: bool = True, resume: bool = True,

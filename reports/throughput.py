@@ -1,8 +1,16 @@
-"""Throughput against floors: the cost of the unavoidable work on the same number of elements, timed in
-the same process, so that time / floor does not depend on the machine. Used by the asv suite, the report's
-throughput section and ``estbench throughput``."""
+"""Throughput against floors: the cost of the unavoidable work on the same number of elements, timed in the same
+process with the same fixed number of intra-op threads, so that time / floor measures the estimator rather than the
+machine's load. Used by the asv suite, the report's throughput section and ``estbench throughput``.
+
+Every time is the median of :data:`REPEAT` calls with its spread, the interquartile range over the median; a
+spread above :data:`BUSY_SPREAD` means the machine was busy while timing (other processes took the cores), and
+:func:`busy_warning` says so."""
+import ctypes
+import platform
 import time
-from functools import partial
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache, partial
 
 import numpy as np
 import pandas as pd
@@ -15,20 +23,80 @@ from reference_models import get_case
 from .stats import seeded
 from .study import StudyConfig, run_study
 
+#: Intra-op threads while timing: one, so that a second core taken by another process cannot halve the speed of
+#: half of every kernel (two threads on two shared cores varied by up to 100× between runs).
+TIMING_THREADS = 1
+#: Calls per timing; the median is reported, and the interquartile range over it is the spread.
+REPEAT = 11
+#: A spread above this (IQR / median) marks a timing taken on a busy machine. Unloaded, the spread of these
+#: timings stays below 0.1 here (2 shared cores); under a competing load it reaches 0.3–1.
+BUSY_SPREAD = 0.5
 
-def best_of(fn, repeat: int = 3) -> float:
-    """The best wall time of ``repeat`` calls (seconds), synchronising CUDA."""
+
+#: glibc's mallopt parameters, and the values that keep freed memory in the process: a block up to 1 GiB comes
+#: from the heap rather than its own mmap, and the heap is never trimmed back to the system.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+STEADY_MALLOC = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 2 ** 31 - 1}
+
+
+@cache
+def steady_allocator() -> bool:
+    """Fix glibc's allocator thresholds for the rest of the process (True where it is glibc and accepted them).
+    By default glibc adapts them as blocks are freed, so the same call either reuses heap memory or maps and
+    faults in fresh pages each time, depending on what ran before: k3 on 10⁶ floats took 1.2 ms or 5–6 ms in
+    the same process, a whole pytest-benchmark run 10× slower than the previous one. The price: a timing
+    process keeps the memory it freed."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(param, value) == 1 for param, value in STEADY_MALLOC.items())
+
+
+@contextmanager
+def fixed_threads(threads: int = TIMING_THREADS):
+    """Run the body with ``threads`` intra-op torch threads, restoring the previous number afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The median wall time (seconds) of several calls, and their spread: interquartile range / median."""
+
+    seconds: float
+    spread: float
+
+    @property
+    def busy(self) -> bool:
+        return self.spread > BUSY_SPREAD
+
+
+def timed(fn, repeat: int = REPEAT) -> Timing:
+    """Time ``repeat`` calls of ``fn`` (after one warm-up call) with :data:`TIMING_THREADS` threads and a
+    :func:`steady_allocator`, synchronising CUDA."""
+    steady_allocator()
     times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    with fixed_threads():
+        for _ in range(repeat + 1):
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    q1, median, q3 = np.percentile(times[1:], [25, 50, 75])
+    return Timing(float(median), float((q3 - q1) / median) if median > 0 else 0.0)
 
 
-def sample_floor(n: int, device: str = "cpu", dtype=torch.float32) -> float:
+def _spread(*timings: Timing) -> float:
+    """The largest spread of the timings a row is made of."""
+    return max(t.spread for t in timings)
+
+
+def sample_floor(n: int, dtype=torch.float32, repeat: int = REPEAT, device: str = "cpu") -> Timing:
     """Draw n standard normals and make one exp and one log pass over them: the least a study can do."""
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -36,12 +104,23 @@ def sample_floor(n: int, device: str = "cpu", dtype=torch.float32) -> float:
         x = torch.randn(n, generator=g, device=device, dtype=dtype)
         torch.log(torch.exp(x))
 
-    return best_of(work)
+    return timed(work, repeat)
 
 
-def read_floor(*tensors) -> float:
+def read_floor(*tensors) -> Timing:
     """Read every element once (a sum per tensor): the least any exact vocabulary KL can do."""
-    return best_of(lambda: [t.sum() for t in tensors])
+    return timed(lambda: [t.sum() for t in tensors])
+
+
+def busy_warning(tables: dict[str, pd.DataFrame]) -> str:
+    """One line naming the rows whose timings spread beyond :data:`BUSY_SPREAD`, or "" when none did."""
+    busy = [f"{title}: " + ", ".join(f"{row.iloc[0]} {row['spread']:.0%}" for _, row in
+                                     frame[frame["spread"] > BUSY_SPREAD].iterrows())
+            for title, frame in tables.items() if (frame["spread"] > BUSY_SPREAD).any()]
+    if not busy:
+        return ""
+    return (f"warning: the machine was busy while timing (spread IQR/median above {BUSY_SPREAD:.0%} for "
+            f"{'; '.join(busy)}); these times are unreliable, time again on an idle machine")
 
 
 def require_device(device: str) -> None:
@@ -51,27 +130,30 @@ def require_device(device: str) -> None:
 
 
 def estimator_throughput(estimators, log_p: torch.Tensor, log_q: torch.Tensor) -> pd.DataFrame:
-    """Best-of-3 time of each ``(name, fn)`` on the given log-probs, and its ratio to one exp and one log
+    """Median time of each ``(name, fn)`` on the given log-probs, its spread, and its ratio to one exp and one log
     pass over as many elements."""
-    floor = best_of(lambda: torch.log(torch.exp(log_q)))
+    floor = timed(lambda: torch.log(torch.exp(log_q)))
     rows = []
     for name, fn in estimators:
-        seconds = best_of(lambda: fn(log_p, log_q))
-        rows.append({"estimator": name, "samples": log_p.numel(), "ms": 1e3 * seconds, "× floor": seconds / floor})
+        t = timed(lambda: fn(log_p, log_q))
+        rows.append({"estimator": name, "samples": log_p.numel(), "ms": 1e3 * t.seconds,
+                     "× floor": t.seconds / floor.seconds, "spread": _spread(t, floor)})
     return pd.DataFrame(rows)
 
 
-def study_throughput(replicates: int = 10 ** 4, n: int = 1000, seed: int = 0) -> pd.DataFrame:
+def study_throughput(replicates: int = 10 ** 4, n: int = 1000, seed: int = 0, repeat: int = 5) -> pd.DataFrame:
     """A whole study of k1, k2 and k3 on gauss-shift-1 (``replicates`` × ``n`` samples each, every estimator
     drawing its own) against floors of as many draws + one exp + one log pass, in float64 (the dtype the
-    ground-truth models draw in, the floor that counts) and in float32 (bare torch's cheapest)."""
+    ground-truth models draw in, the floor that counts) and in float32 (bare torch's cheapest); ``repeat`` calls each
+    (a study takes seconds)."""
     config = StudyConfig(("gauss-shift-1",), ("k1", "k2", "k3"), (n,), replicates, seed)
-    seconds = best_of(lambda: run_study(config, progress=False))
+    t = timed(lambda: run_study(config, progress=False), repeat)
     samples = 3 * replicates * n
-    floors = {"float64": 3 * sample_floor(replicates * n, dtype=torch.float64),
-              "float32": 3 * sample_floor(replicates * n)}
-    return pd.DataFrame([{"work": f"study of k1, k2, k3 ({replicates} × {n})", "samples": samples, "s": seconds,
-                          "floor": f"{dtype} draws + exp + log", "floor s": floor, "× floor": seconds / floor}
+    floors = {str(dtype).removeprefix("torch."): sample_floor(replicates * n, dtype, repeat)
+              for dtype in (torch.float64, torch.float32)}
+    return pd.DataFrame([{"work": f"study of k1, k2, k3 ({replicates} × {n})", "samples": samples, "s": t.seconds,
+                          "floor": f"{dtype} draws + exp + log", "floor s": 3 * floor.seconds,
+                          "× floor": t.seconds / (3 * floor.seconds), "spread": _spread(t, floor)}
                          for dtype, floor in floors.items()])
 
 
@@ -105,9 +187,10 @@ def vocab_throughput(rows: int = 64, vocab: int = 50257, seed: int = 0) -> pd.Da
     """token_kl against log_softmax + kl_div in torch and against one read of the logits, float32 [rows, vocab]."""
     a, b = logit_pair(rows, vocab, seed=seed)
     floor = read_floor(a, b)
-    return pd.DataFrame([{"method": name, "shape": f"[{rows}, {vocab}]", "ms": 1e3 * t, "× read floor": t / floor}
-                         for name, t in (("token_kl", best_of(lambda: token_kl(a, b))),
-                                         ("log_softmax + kl_div", best_of(lambda: torch_token_kl(a, b))))])
+    return pd.DataFrame([{"method": name, "shape": f"[{rows}, {vocab}]", "ms": 1e3 * t.seconds,
+                          "× read floor": t.seconds / floor.seconds, "spread": _spread(t, floor)}
+                         for name, t in (("token_kl", timed(lambda: token_kl(a, b))),
+                                         ("log_softmax + kl_div", timed(lambda: torch_token_kl(a, b))))])
 
 
 #: Peak memory bandwidth (bytes/s) from the vendor's data sheet, for cards whose properties torch does not report.
@@ -155,10 +238,10 @@ def vocab_gpu_figures(rows: int = 16384, vocab: int = 131072, dtype: torch.dtype
     gradients of the summed KL): token_kl's Triton kernels and its torch path, against ``log_softmax`` + ``kl_div``
     in torch, eager and under ``torch.compile``, and Liger-Kernel's KL loss (where installed) on log-probabilities
     made beforehand (its kernel alone) and from logits (``log_softmax`` of both first). Liger differentiates its
-    input (log q) only; the others give both gradients. Per method and pass: ms (best of ``repeat``), GB/s of the
-    least traffic of the pass (:data:`PASSES` · rows · vocab · itemsize bytes), the fraction of the card's peak
-    bandwidth, and the time over each of :data:`BASELINES`. A comparison that fails (Liger's internals change
-    between its releases; torch.compile needs a compiler) is left out, and ``frame.attrs`` says why.
+    input (log q) only; the others give both gradients. Per method and pass: ms (median of ``repeat``) and its
+    spread, GB/s of the least traffic of the pass (:data:`PASSES` · rows · vocab · itemsize bytes), the fraction of
+    the card's peak bandwidth, and the time over each of :data:`BASELINES`. A comparison that fails (Liger's internals
+    change between its releases; torch.compile needs a compiler) is left out, and ``frame.attrs`` says why.
     (``device="cpu"`` runs the same table on small shapes under Triton's interpreter: for tests.)"""
     require_device(device)
     a, b = logit_pair(rows, vocab, dtype, device, seed)
@@ -187,7 +270,8 @@ def vocab_gpu_figures(rows: int = 16384, vocab: int = 131072, dtype: torch.dtype
                     raise
                 notes[f"{name}, {work}"] = f"failed, left out: {type(err).__name__}: {err}"
                 continue
-            records.append({"method": name, "pass": work, "ms": 1e3 * best_of(run, repeat)})
+            t = timed(run, repeat)
+            records.append({"method": name, "pass": work, "ms": 1e3 * t.seconds, "spread": t.spread})
             if device == "cuda":
                 torch.cuda.empty_cache()
     peak = peak_bandwidth(device) if device == "cuda" else None

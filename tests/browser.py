@@ -228,11 +228,13 @@ def console_errors(log: str) -> list[str]:
     return found
 
 
-def check_page(chromium: str, page: Path, profile: Path, window: str = f"{WINDOW_WIDTH},3000") -> PageCheck:
-    """Load ``page`` (which this edits: pass a copy) headless; return what its checker and the log saw."""
+def check_page(chromium: str, page: Path, profile: Path, window: str = f"{WINDOW_WIDTH},3000",
+               url: str | None = None) -> PageCheck:
+    """Load ``page`` (which this edits: pass a copy) headless, from ``url`` where a server serves it; return what
+    its checker and the log saw."""
     inject_checker(page)
     cmd = [chromium, *_flags(profile), "--enable-logging=stderr", "--v=0", f"--window-size={window}",
-           f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}", "--dump-dom", page.resolve().as_uri()]
+           f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}", "--dump-dom", url or page.resolve().as_uri()]
     done = _run(cmd)
     assert done.returncode == 0, f"chromium --dump-dom exited {done.returncode}:\n{done.stderr[-3000:]}"
     m = re.search(rf'<pre id="{CHECK_ID}">(.*?)</pre>', done.stdout, re.S)

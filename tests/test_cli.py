@@ -215,7 +215,7 @@ def test_throughput_prints_each_table_against_its_floor():
     out = estbench("throughput")
     assert out.returncode == 0, out.stderr
     for needle in ("estimators:", "study:", "vocabulary KL:", "× floor", "float64 draws + exp + log", "k1_cv",
-                   "log_softmax + kl_div", "× read floor"):
+                   "log_softmax + kl_div", "× read floor", "spread"):
         assert needle in out.stdout
     assert "rao_blackwell" not in out.stdout  # sequence-only estimators have no per-token throughput
 

@@ -35,7 +35,7 @@ META = {"seed": "0", "command": "pytest", "versions": "test", "commit": "abc123"
 @pytest.fixture(scope="module")
 def data():
     plan = ReportPlan(cases=CASES, estimators=ESTIMATORS, ns=(10, 100), replicates=50, seed=0, marginal_cases=())
-    return replace(collect(plan), provenance=META)
+    return replace(collect(plan), provenance=META, history=None)  # the history is tested in test_history
 
 
 def _rgb(handle) -> set[tuple]:
@@ -119,8 +119,9 @@ def test_throughput_tables_give_ratios_to_their_floors(page):
     speed = text[text.index('<section id="throughput">'):]
     speed = speed[:speed.index("</section>")]
     for needle in ("× floor", "study of k1, k2, k3", "float64 draws + exp + log", "float32 draws + exp + log",
-                   "× read floor", "log_softmax + kl_div"):
+                   "× read floor", "log_softmax + kl_div", "spread", "Median of"):
         assert needle in speed
+    assert "do not depend on the machine" not in speed
 
 
 def test_images_exist_and_are_png(page):
@@ -324,7 +325,8 @@ def test_a_registered_figure_is_numbered_and_one_without_its_data_is_listed(data
                        "the production clamps' bias (needs the heavy-ratio case and a clamped variant)",
                        "the moon's KL (needs a moon in the study)",
                        "Rao-Blackwellized KL on the sequence cases (no sequence case in this study)",
-                       "log-of-mean bias vs K (no marginal study)"]
+                       "log-of-mean bias vs K (no marginal study)",
+                       "the benchmark history (no asv results read)"]
     assert "moon.png" not in text and not (tmp_path / "figures" / "moon.png").exists()
 
 
