@@ -272,3 +272,9 @@ def test_without_ray_the_ray_executor_is_a_usage_error(tmp_path, monkeypatch, ca
     assert main(["report", "--quick", "--out", str(tmp_path), "--executor", "ray"]) == 2
     assert "pip install -e '.[ray]'" in capsys.readouterr().err
     assert main(["report", "--quick", "--out", str(tmp_path), "--address", "h:1"]) == 2
+
+
+def test_the_command_line_offers_every_executor():
+    from reports import cli, executors
+
+    assert cli.EXECUTORS == executors.EXECUTORS
