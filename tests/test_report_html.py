@@ -325,6 +325,7 @@ def test_a_registered_figure_is_numbered_and_one_without_its_data_is_listed(data
                        "the production clamps' bias (needs the heavy-ratio case and a clamped variant)",
                        "the moon's KL (needs a moon in the study)",
                        "Rao-Blackwellized KL on the sequence cases (no sequence case in this study)",
+                       "which objective each KL loss optimizes (no gradient case in this report)",
                        "log-of-mean bias vs K (no marginal study)",
                        "the benchmark history (no asv results read)"]
     assert "moon.png" not in text and not (tmp_path / "figures" / "moon.png").exists()
