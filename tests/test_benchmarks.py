@@ -25,9 +25,12 @@ ESTIMATORS = {"k1": "k1", "k2": "k2", "k3": "k3", "k1_control_variate": "k1_cv",
 
 
 @pytest.fixture(autouse=True)
-def steady_timing():
-    """Time as reports.throughput does: fixed intra-op threads and glibc allocator thresholds."""
-    steady_allocator()
+def steady_timing(request):
+    """Time as the benchmarks do: fixed intra-op threads and, where benchmarks run (the regression check's own
+    pytest process), glibc's allocator thresholds. Never in the test suite's process (``--benchmark-disable``):
+    fixed thresholds keep every freed block, and the gate tests after it grew the process to 24 GB."""
+    if request.config.getoption("benchmark_enable") or not request.config.getoption("benchmark_disable"):
+        steady_allocator()
     with fixed_threads():
         yield
 
