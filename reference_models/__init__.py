@@ -17,8 +17,8 @@ from .distributions import Categorical, Gaussian, GaussianMixture, ReferenceMode
 from .latent import DiscreteLatent, GaussianClassConditional, LinearGaussian
 from .sequence_cases import SequenceKLCase, SequenceSample
 from .marginal_cases import MarginalCase
-from .gradient_cases import GradientCase, GradientSample
 from .latent_cases import discrete_case, linear_gaussian_case
+from .gradient_cases import GradientCase, GradientSample  # after every released case of the other kinds
 from .registry import KINDS, case_names, get_case, register_case
 from .sources import HiddenMarkovModel
 from .transformer import CausalTransformer, TransformerConfig
