@@ -476,7 +476,7 @@ def _gradients(data: ReportData, drawn: Drawn) -> str:
 <p>{esc(GRADIENT_INTRO)}</p>
 {drawn.html["gradient_angle"]}
 {drawn.html["gradient_error"]}
-{_table(frame[cols], "study", ["biased" if v == "caught" else "" for v in frame["verdict"]])}"""
+{_table(frame[cols], "gradients", ["biased" if v == "caught" else "" for v in frame["verdict"]])}"""
 
 
 @figure("gradient_angle", "angle between each loss's expected gradient and the true gradient, loss × case",
